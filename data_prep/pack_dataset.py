@@ -1,0 +1,112 @@
+"""Tokenize a corpus and pack it into fixed-length blocks for pretraining.
+
+    python -m data_prep.pack_dataset --corpus_dir outputs/corpus --tokenizer_dir outputs/tokenizer \
+        --output_dir outputs/packed --block_size 256 --num_proc 2
+
+Each document becomes `<bos> text <eos>`; documents are concatenated and cut into blocks of
+`block_size` tokens. Packing happens per batch of `pack_batch_size` documents inside
+`Dataset.map(num_proc=...)`; the last, shorter block of each batch is right-padded with the pad
+token and masked (`attention_mask` 0), so no token is lost or repeated. With the default batch
+of 2,000 documents this wastes well under 1% of positions. Sizes: the embedded default packs to
+~1.6M tokens (~6,000 blocks of 256) in seconds; FineWeb-Edu sample-10BT is ~10B tokens and wants
+all cores for about an hour.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from data_prep.artifacts import (
+    UserError,
+    atomic_output_dir,
+    build_manifest,
+    parse_config,
+    read_manifest,
+    run_cli,
+    write_manifest,
+)
+from data_prep.train_tokenizer import load_tokenizer
+
+
+@dataclass
+class PackArguments:
+    corpus_dir: str = field(default="outputs/corpus")
+    tokenizer_dir: str = field(default="outputs/tokenizer")
+    output_dir: str = field(default="outputs/packed")
+    block_size: int = field(default=256, metadata={"help": "Tokens per training example."})
+    num_proc: int = field(default=2)
+    pack_batch_size: int = field(default=2000, metadata={"help": "Documents packed together; one padded tail each."})
+    overwrite: bool = field(default=True)
+
+
+def pack_blocks(token_lists: list[list[int]], block_size: int, pad_id: int) -> dict[str, list[list[int]]]:
+    """Concatenate token lists and cut them into `block_size` blocks; pad and mask the tail."""
+    stream = [tok for ids in token_lists for tok in ids]
+    blocks, masks = [], []
+    for start in range(0, len(stream), block_size):
+        block = stream[start : start + block_size]
+        pad = block_size - len(block)
+        blocks.append(block + [pad_id] * pad)
+        masks.append([1] * len(block) + [0] * pad)
+    return {"input_ids": blocks, "attention_mask": masks}
+
+
+def pack_dataset(args: PackArguments) -> dict:
+    from datasets import DatasetDict, load_from_disk
+
+    if args.block_size < 2:
+        raise UserError(f"block_size must be at least 2, got {args.block_size}")
+    corpus_manifest = read_manifest(args.corpus_dir, "corpus")
+    tokenizer_manifest = read_manifest(args.tokenizer_dir, "tokenizer")
+    tokenizer = load_tokenizer(args.tokenizer_dir)
+    backend = tokenizer.backend_tokenizer
+    bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+
+    def tokenize_and_pack(batch):
+        encoded = backend.encode_batch(batch["text"], add_special_tokens=False)
+        return pack_blocks([[bos, *enc.ids, eos] for enc in encoded], args.block_size, pad)
+
+    corpus = load_from_disk(args.corpus_dir)
+    packed = DatasetDict(
+        {
+            split: ds.map(
+                tokenize_and_pack,
+                batched=True,
+                batch_size=args.pack_batch_size,
+                remove_columns=ds.column_names,
+                num_proc=args.num_proc if len(ds) >= 2 * args.num_proc else None,
+                desc=f"pack {split}",
+            )
+            for split, ds in corpus.items()
+        }
+    )
+    outputs = {}
+    for split, ds in packed.items():
+        real = sum(sum(mask) for mask in ds["attention_mask"])
+        outputs[split] = {"blocks": len(ds), "tokens": real, "padding": len(ds) * args.block_size - real}
+    outputs["block_size"] = args.block_size
+    inputs = {
+        "corpus_dir": args.corpus_dir,
+        "corpus_fingerprint": corpus_manifest["fingerprint"],
+        "tokenizer_dir": args.tokenizer_dir,
+        "tokenizer_fingerprint": tokenizer_manifest["fingerprint"],
+    }
+    options = {"block_size": args.block_size, "pack_batch_size": args.pack_batch_size, "bos": bos, "eos": eos, "pad": pad}
+    manifest = build_manifest("packed", inputs, options, outputs)
+    with atomic_output_dir(args.output_dir, args.overwrite) as tmp:
+        packed.save_to_disk(str(tmp))
+        write_manifest(tmp, manifest)
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> dict:
+    (args,) = parse_config([PackArguments], argv)
+    manifest = pack_dataset(args)
+    out = manifest["outputs"]
+    print(f"packed -> {args.output_dir}: train {out['train']['blocks']} blocks / {out['train']['tokens']:,} tokens, "
+          f"validation {out['validation']['blocks']} blocks / {out['validation']['tokens']:,} tokens (block {args.block_size})")
+    return manifest
+
+
+if __name__ == "__main__":
+    run_cli(main)

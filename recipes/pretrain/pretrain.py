@@ -1,0 +1,236 @@
+"""Pretrain a causal language model from a config, from scratch, with transformers.Trainer.
+
+    # tiny preset on the embedded default, CPU (after data_prep; see recipes/pretrain/README.md)
+    accelerate launch --config_file accelerate_configs/cpu.yaml recipes/pretrain/pretrain.py \
+        --config recipes/pretrain/tiny.yaml
+
+    # ~350M Llama on FineWeb-Edu, 8 GPUs, DeepSpeed ZeRO-3
+    accelerate launch --config_file accelerate_configs/deepspeed_zero3.yaml recipes/pretrain/pretrain.py \
+        --config recipes/pretrain/llama_350m_fineweb.yaml
+
+Input: a packed dataset from `data_prep.pack_dataset` and its tokenizer. Output (`output_dir`):
+checkpoints every `save_steps`, and at the end the model (safetensors), tokenizer, model card,
+`metrics.json` and `manifest.json`. The manifest is written last: without it the directory is
+unfinished. Tokens/s and MFU are logged at every logging step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from transformers import Trainer, TrainingArguments
+
+from data_prep.artifacts import UserError, build_manifest, parse_config, read_manifest, run_cli, write_manifest
+from recipes.common import mark_incomplete, model_card, publish, resolve_resume
+
+
+@dataclass
+class ScriptArguments:
+    dataset_path: str = field(default="outputs/packed", metadata={"help": "Output of data_prep.pack_dataset."})
+    tokenizer_path: str = field(default="outputs/tokenizer", metadata={"help": "Output of data_prep.train_tokenizer."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on at most this many blocks."})
+    eval_at_init: bool = field(default=True, metadata={"help": "Record validation loss before training."})
+    peak_tflops: float | None = field(default=None, metadata={"help": "Peak per device for MFU; None measures a matmul."})
+
+
+@dataclass
+class ArchitectureArguments:
+    """Keys are transformers config fields; `model_type` picks the family (llama, mixtral, qwen2, ...)."""
+
+    model_type: str = field(default="llama")
+    hidden_size: int = field(default=256)
+    intermediate_size: int = field(default=768)
+    num_hidden_layers: int = field(default=4)
+    num_attention_heads: int = field(default=4)
+    num_key_value_heads: int | None = field(default=None)
+    max_position_embeddings: int = field(default=2048)
+    rope_theta: float | None = field(default=None)
+    tie_word_embeddings: bool = field(default=False)
+    initializer_range: float = field(default=0.02)
+    num_local_experts: int | None = field(default=None, metadata={"help": "MoE experts (mixtral)."})
+    num_experts_per_tok: int | None = field(default=None, metadata={"help": "Experts routed per token (mixtral)."})
+    attn_implementation: str = field(default="sdpa")
+
+
+def build_config(arch: ArchitectureArguments, tokenizer):
+    from transformers import AutoConfig
+
+    kwargs = {k: v for k, v in asdict(arch).items() if v is not None and k not in ("model_type", "attn_implementation")}
+    if arch.rope_theta is not None:  # transformers 5 keeps RoPE settings in rope_parameters
+        kwargs["rope_parameters"] = {"rope_type": "default", "rope_theta": kwargs.pop("rope_theta")}
+    try:
+        config = AutoConfig.for_model(arch.model_type, **kwargs)
+    except ValueError as err:
+        raise UserError(f"model_type '{arch.model_type}': {str(err).splitlines()[0]}") from None
+    for key in ("num_local_experts", "num_experts_per_tok"):
+        if getattr(arch, key) is not None and key not in type(config)().to_dict():
+            raise UserError(f"key {key} does not apply to model_type '{arch.model_type}'")
+    config.vocab_size = len(tokenizer)
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = (
+        tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    config._attn_implementation = arch.attn_implementation
+    return config
+
+
+def main(script_args, training_args, arch_args, callbacks=None) -> dict:
+    import torch
+    from datasets import load_from_disk
+    from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling, set_seed
+
+    from data_prep.train_tokenizer import load_tokenizer
+    from recipes.pretrain.throughput import ThroughputMeter, flops_per_token, measure_peak_flops
+
+    # ------------------------------------------------------------------ data
+    data_manifest = read_manifest(script_args.dataset_path, "packed dataset")
+    tokenizer = load_tokenizer(script_args.tokenizer_path)
+    packed = load_from_disk(script_args.dataset_path)
+    train_dataset, eval_dataset = packed["train"], packed["validation"]
+    if script_args.max_eval_samples:
+        eval_dataset = eval_dataset.select(range(min(script_args.max_eval_samples, len(eval_dataset))))
+    block_size = len(train_dataset[0]["input_ids"])
+    if block_size > arch_args.max_position_embeddings:
+        raise UserError(f"block size {block_size} of {script_args.dataset_path} is larger than "
+                        f"max_position_embeddings {arch_args.max_position_embeddings}")
+    if len(eval_dataset) == 0:
+        raise UserError(f"{script_args.dataset_path}: the validation split is empty")
+
+    # ------------------------------------------------------------------ model
+    # Built after TrainingArguments exist, so that under ZeRO-3 from_config runs inside zero.Init.
+    set_seed(training_args.seed)
+    config = build_config(arch_args, tokenizer)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    n_params = sum(p.numel() for p in model.parameters())
+    is_zero3 = n_params == 0 or getattr(next(model.parameters()), "ds_numel", None) is not None
+    if is_zero3:
+        n_params = sum(p.ds_numel for p in model.parameters())
+
+    # ------------------------------------------------------------------ trainer
+    collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    trainer = ThroughputTrainer(model=model, args=training_args, data_collator=collator, train_dataset=train_dataset,
+                                eval_dataset=eval_dataset, processing_class=tokenizer, callbacks=callbacks)
+    if trainer.is_world_process_zero():
+        mark_incomplete(training_args.output_dir)
+    device = trainer.args.device
+    peak_dtype = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
+    if device.type == "cpu":
+        peak_dtype = torch.float32  # mixed precision on CPU still runs the matmuls it can in fp32
+    peak = (script_args.peak_tflops * 1e12 if script_args.peak_tflops
+            else measure_peak_flops(device, peak_dtype))
+    peak_source = "given" if script_args.peak_tflops else f"measured {str(peak_dtype).split('.')[-1]} matmul on {device.type}"
+    tokens_per_step = (training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
+                       * training_args.world_size * block_size)
+    unwrapped_flops = flops_per_token(model, block_size) if not is_zero3 else _zero3_flops(model, block_size)
+    trainer.meter = ThroughputMeter(tokens_per_step, unwrapped_flops, peak, training_args.world_size)
+    trainer.log_line(f"model {n_params / 1e6:.2f}M params, {unwrapped_flops / 1e6:.1f} MFLOP/token; "
+                     f"MFU assumes a peak of {peak / 1e12:.2f} TFLOP/s per process ({peak_source})")
+
+    # ------------------------------------------------------------------ train
+    init_metrics = trainer.evaluate(metric_key_prefix="init") if script_args.eval_at_init else {}
+    trainer.meter.start(0)
+    resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
+    train_result = trainer.train(resume_from_checkpoint=resume)
+
+    # ------------------------------------------------------------------ eval
+    eval_metrics = trainer.evaluate()
+    metrics = {
+        "params": n_params,
+        "steps": trainer.state.global_step,
+        "tokens_seen": trainer.state.global_step * tokens_per_step,
+        "train_loss": train_result.training_loss,
+        "final_train_loss": _last_logged(trainer, "loss"),
+        "eval_loss": eval_metrics["eval_loss"],
+        "eval_perplexity": math.exp(min(eval_metrics["eval_loss"], 50)),
+        "init_eval_loss": init_metrics.get("init_loss"),
+        "tokens_per_second": _last_logged(trainer, "tokens_per_second"),
+        "mfu": _last_logged(trainer, "mfu"),
+        "peak_tflops": round(peak / 1e12, 3),
+        "peak_source": peak_source,
+        "train_runtime_s": train_result.metrics.get("train_runtime"),
+    }
+    if metrics["init_eval_loss"]:
+        metrics["eval_loss_ratio"] = metrics["eval_loss"] / metrics["init_eval_loss"]
+    trainer.log_line("metrics " + json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}))
+
+    # ------------------------------------------------------------------ save
+    staging = Path(training_args.output_dir) / ".final-tmp"
+    trainer.save_model(str(staging))  # every rank joins: ZeRO-3 gathers the full weights here
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(str(staging))
+        (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        inputs = {"dataset_path": script_args.dataset_path, "dataset_fingerprint": data_manifest["fingerprint"],
+                  "tokenizer_path": script_args.tokenizer_path, "resumed_from": resume}
+        options = {"architecture": asdict(arch_args), "training": _training_summary(training_args)}
+        (staging / "README.md").write_text(_card(inputs, options, metrics, data_manifest))
+        write_manifest(staging, build_manifest("pretrain", inputs, options, metrics))
+        publish(staging, training_args.output_dir)
+    trainer.accelerator.wait_for_everyone()
+    return metrics
+
+
+class ThroughputTrainer(Trainer):
+    """Trainer that adds tokens/s and MFU to every training log line."""
+
+    meter = None
+
+    def log(self, logs, start_time=None):
+        if self.meter is not None and "loss" in logs:
+            logs.update(self.meter.update(self.state.global_step))
+        super().log(logs, start_time)
+
+    def _load_from_checkpoint(self, *args, **kwargs):
+        result = super()._load_from_checkpoint(*args, **kwargs)
+        if self.meter is not None:  # the first interval after a resume starts at the restored step
+            self.meter.start(self.state.global_step)
+        return result
+
+    def log_line(self, message: str) -> None:
+        if self.is_world_process_zero():
+            print(f"[pretrain] {message}", flush=True)
+
+
+def _zero3_flops(model, seq_len: int) -> float:
+    """flops_per_token for a ZeRO-3 partitioned model, whose local tensors are empty."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from recipes.pretrain.throughput import flops_per_token
+
+    with torch.device("meta"):
+        shadow = AutoModelForCausalLM.from_config(model.config)
+    return flops_per_token(shadow, seq_len)
+
+
+def _last_logged(trainer, key: str):
+    values = [entry[key] for entry in trainer.state.log_history if key in entry]
+    return values[-1] if values else None
+
+
+def _training_summary(args) -> dict:
+    keys = ("max_steps", "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps",
+            "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "max_grad_norm", "bf16", "fp16",
+            "gradient_checkpointing", "seed", "world_size")
+    return {k: getattr(args, k) for k in keys}
+
+
+def _card(inputs: dict, options: dict, metrics: dict, data_manifest: dict) -> str:
+    data = {**inputs, "train_tokens": data_manifest["outputs"]["train"]["tokens"],
+            "block_size": data_manifest["outputs"]["block_size"]}
+    shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()}
+    return model_card(
+        title=f"{options['architecture']['model_type']} pretrained from scratch",
+        summary="A causal language model trained from a config with this repository's pretraining recipe.",
+        sections={"Data": data, "Architecture": options["architecture"], "Training": options["training"],
+                  "Metrics": shown},
+        tags=["pretraining", "from-scratch", options["architecture"]["model_type"]],
+    )
+
+
+def parse_args(argv: list[str] | None = None):
+    return parse_config([ScriptArguments, TrainingArguments, ArchitectureArguments], argv)
+
+
+if __name__ == "__main__":
+    run_cli(lambda: main(*parse_args()))

@@ -1,0 +1,78 @@
+"""Tokens/s and MFU (model FLOPs utilisation) for pretraining.
+
+Model FLOPs per token follow the PaLM appendix: 6·N for the weight matmuls (forward 2N,
+backward 4N) plus 12·L·d_attn·T for the attention scores and weighted sum, where N counts the
+parameters a token actually passes through (the input embedding is a lookup and is left out;
+for MoE only `num_experts_per_tok` of the experts), L is the layer count, d_attn the total
+attention width and T the sequence length. MFU divides achieved model FLOP/s by a peak that is
+measured, not read off a data sheet: the best dense matmul rate of this device in the training
+dtype (fp32 on CPU, bf16/fp16 on GPU). Every log line names that peak.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+def active_parameters(model: torch.nn.Module) -> int:
+    """Parameters used per token: all but the input embedding, and only the routed experts of MoE."""
+    config = model.config
+    total = sum(p.numel() for p in model.parameters())
+    embedding = model.get_input_embeddings().weight
+    tied = getattr(config, "tie_word_embeddings", False)
+    active = total if tied else total - embedding.numel()  # a tied matrix is the (compute-bearing) lm_head
+    experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
+    if experts:
+        expert_params = sum(p.numel() for name, p in model.named_parameters() if ".experts." in name)
+        active -= expert_params * (experts - config.num_experts_per_tok) // experts
+    return active
+
+
+def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    attention = 12 * config.num_hidden_layers * config.num_attention_heads * head_dim * seq_len
+    return 6 * active_parameters(model) + attention
+
+
+def measure_peak_flops(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, size: int = 2048,
+                       repeats: int = 5) -> float:
+    """Best observed FLOP/s of a square matmul on this device in this dtype (one process)."""
+    device = torch.device(device)
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(repeats + 1):  # first call warms up
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        (a @ b).sum().item()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+class ThroughputMeter:
+    """Turns global-step counts and wall time into tokens/s and MFU between two log points."""
+
+    def __init__(self, tokens_per_step: int, flops_per_token: float, peak_flops: float, world_size: int) -> None:
+        self.tokens_per_step = tokens_per_step
+        self.flops_per_token = flops_per_token
+        self.peak_flops = peak_flops * world_size
+        self.last_step, self.last_time = 0, None
+
+    def start(self, step: int) -> None:
+        self.last_step, self.last_time = step, time.perf_counter()
+
+    def update(self, step: int) -> dict[str, float]:
+        now = time.perf_counter()
+        if self.last_time is None or step <= self.last_step:
+            self.start(step)
+            return {}
+        tokens_per_second = (step - self.last_step) * self.tokens_per_step / (now - self.last_time)
+        self.start(step)
+        return {
+            "tokens_per_second": round(tokens_per_second, 1),
+            "mfu": round(tokens_per_second * self.flops_per_token / self.peak_flops, 4),
+        }
