@@ -211,7 +211,7 @@ def _last_logged(trainer, key: str):
 def _training_summary(args) -> dict:
     keys = ("max_steps", "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps",
             "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "max_grad_norm", "bf16", "fp16",
-            "gradient_checkpointing", "seed", "world_size")
+            "activation_checkpointing", "seed", "world_size")
     return {k: getattr(args, k) for k in keys}
 
 
