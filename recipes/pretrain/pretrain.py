@@ -102,10 +102,8 @@ def main(script_args, training_args, arch_args, callbacks=None) -> dict:
     set_seed(training_args.seed)
     config = build_config(arch_args, tokenizer)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    n_params = sum(p.numel() for p in model.parameters())
-    is_zero3 = n_params == 0 or getattr(next(model.parameters()), "ds_numel", None) is not None
-    if is_zero3:
-        n_params = sum(p.ds_numel for p in model.parameters())
+    partitioned_at_init = hasattr(next(model.parameters()), "ds_numel")  # True when zero.Init built it
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
 
     # ------------------------------------------------------------------ trainer
     collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
@@ -122,9 +120,13 @@ def main(script_args, training_args, arch_args, callbacks=None) -> dict:
     peak_source = "given" if script_args.peak_tflops else f"measured {str(peak_dtype).split('.')[-1]} matmul on {device.type}"
     tokens_per_step = (training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
                        * training_args.world_size * block_size)
-    unwrapped_flops = flops_per_token(model, block_size) if not is_zero3 else _zero3_flops(model, block_size)
-    trainer.meter = ThroughputMeter(tokens_per_step, unwrapped_flops, peak, training_args.world_size)
-    trainer.log_line(f"model {n_params / 1e6:.2f}M params, {unwrapped_flops / 1e6:.1f} MFLOP/token; "
+    model_flops = _zero3_flops(model, block_size) if partitioned_at_init else flops_per_token(model, block_size)
+    trainer.meter = ThroughputMeter(tokens_per_step, model_flops, peak, training_args.world_size)
+    state = trainer.accelerator.state
+    zero_stage = state.deepspeed_plugin.zero_stage if state.deepspeed_plugin else None
+    trainer.log_line(f"{state.distributed_type.value}{f' ZeRO-{zero_stage}' if zero_stage else ''} on "
+                     f"{training_args.world_size} process(es); parameters partitioned at init: {partitioned_at_init}")
+    trainer.log_line(f"model {n_params / 1e6:.2f}M params, {model_flops / 1e6:.1f} MFLOP/token; "
                      f"MFU assumes a peak of {peak / 1e12:.2f} TFLOP/s per process ({peak_source})")
 
     # ------------------------------------------------------------------ train

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The embedded-default chain on a CPU, from a fresh clone: install, build the corpus from the
+# Python standard library, train the tokenizer, pack, pretrain the tiny model, summarise.
+#
+#   bash recipes/speedrun_cpu.sh            # everything lands in outputs/
+#
+# Every step is a real recipe with its defaults; run them one by one to change settings.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+start=$(date +%s)
+python -m pip install -q -r requirements.txt -e . 2>&1 | grep -v -E "^WARNING: Running pip as the 'root'|^\[notice\]" || true
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false HF_DATASETS_DISABLE_PROGRESS_BARS=1
+installed=$(date +%s)
+
+step() { echo; echo "=== $1"; }
+step "1/4 corpus (embedded default: Python standard library)"
+python -m data_prep.build_corpus --output_dir outputs/corpus
+step "2/4 tokenizer (byte-level BPE)"
+python -m data_prep.train_tokenizer --corpus_dir outputs/corpus --output_dir outputs/tokenizer
+step "3/4 tokenize and pack"
+python -m data_prep.pack_dataset --corpus_dir outputs/corpus --tokenizer_dir outputs/tokenizer --output_dir outputs/packed
+step "4/4 pretrain the tiny preset"
+accelerate launch --config_file accelerate_configs/cpu.yaml recipes/pretrain/pretrain.py \
+    --config recipes/pretrain/tiny.yaml --disable_tqdm true
+
+step "summary"
+python -m recipes.summary outputs
+end=$(date +%s)
+echo "wall time: $((end - installed)) s for the chain (+ $((installed - start)) s install)"

@@ -1,0 +1,55 @@
+"""Print where every stage's output went and its key figures, read from the stage manifests.
+
+    python -m recipes.summary outputs
+
+Each stage directory under the root holds a `manifest.json` (see data_prep/artifacts.py); a
+directory without one is reported as unfinished.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from data_prep.artifacts import MANIFEST_NAME
+
+KEY_FIGURES = {
+    "corpus": lambda o: (f"train {o['train']['documents']} docs / {o['train']['bytes'] / 1e6:.2f} MB, "
+                         f"validation {o['validation']['documents']} docs / {o['validation']['bytes'] / 1e6:.2f} MB"),
+    "tokenizer": lambda o: f"vocab {o['vocab_size']}, {o['bytes_per_token_validation']:.2f} bytes/token (validation)",
+    "packed": lambda o: (f"{o['train']['tokens']:,} train / {o['validation']['tokens']:,} validation tokens "
+                         f"in blocks of {o['block_size']}"),
+    "pretrain": lambda o: (f"validation loss {o['init_eval_loss']:.3f} -> {o['eval_loss']:.3f} "
+                           f"({o['eval_loss_ratio']:.0%} of init), perplexity {o['eval_perplexity']:.1f}, "
+                           f"{o['steps']} steps, {o['tokens_per_second']:.0f} tokens/s, MFU {o['mfu']:.2f}"
+                           if o.get("init_eval_loss") else f"validation loss {o['eval_loss']:.3f}, {o['steps']} steps"),
+}
+
+
+def summarize(root: str | Path) -> list[tuple[str, str, str]]:
+    rows = []
+    for directory in sorted(p for p in Path(root).iterdir() if p.is_dir() and not p.name.startswith(".")):
+        manifest_path = directory / MANIFEST_NAME
+        if not manifest_path.is_file():
+            rows.append(("?", str(directory), "unfinished (no manifest.json)"))
+            continue
+        manifest = json.loads(manifest_path.read_text())
+        describe = KEY_FIGURES.get(manifest["stage"], lambda o: "")
+        rows.append((manifest["stage"], str(directory), describe(manifest["outputs"])))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    root = Path(argv[0] if argv else "outputs")
+    if not root.is_dir():
+        raise SystemExit(f"error: no outputs directory at {root}")
+    rows = summarize(root)
+    width = max(len(r[1]) for r in rows) if rows else 0
+    for stage, directory, figures in rows:
+        print(f"{stage:<10} {directory:<{width}}  {figures}")
+
+
+if __name__ == "__main__":
+    main()

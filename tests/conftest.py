@@ -1,0 +1,50 @@
+"""Shared fixtures: offline mode, and a tiny corpus/tokenizer/packed dataset built once per run
+by the project's own data_prep functions."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Model shape for fast tests: 2 layers, hidden 32. The recipe YAML stays the source of every
+# other setting; tests only override what makes the run small.
+TINY_MODEL_OVERRIDES = [
+    "--hidden_size", "32", "--intermediate_size", "64", "--num_hidden_layers", "2",
+    "--num_attention_heads", "2", "--num_key_value_heads", "2", "--max_position_embeddings", "64",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> dict[str, Path]:
+    """Corpus (60 stdlib modules) -> byte-level BPE (vocab 512) -> blocks of 64 tokens."""
+    from data_prep import build_corpus, pack_dataset, train_tokenizer
+
+    root = tmp_path_factory.mktemp("tiny_data")
+    paths = {"corpus": root / "corpus", "tokenizer": root / "tokenizer", "packed": root / "packed"}
+    build_corpus.main(["--output_dir", str(paths["corpus"]), "--max_stdlib_files", "60"])
+    train_tokenizer.main(["--corpus_dir", str(paths["corpus"]), "--output_dir", str(paths["tokenizer"]),
+                          "--vocab_size", "512"])
+    pack_dataset.main(["--corpus_dir", str(paths["corpus"]), "--tokenizer_dir", str(paths["tokenizer"]),
+                       "--output_dir", str(paths["packed"]), "--block_size", "64", "--num_proc", "1"])
+    return paths
+
+
+def pretrain_argv(tiny_data: dict[str, Path], output_dir: Path, *extra: str) -> list[str]:
+    """Command-line for the pretraining recipe: tiny.yaml, the tiny fixture data, a tiny model."""
+    return [
+        "--config", str(REPO_ROOT / "recipes/pretrain/tiny.yaml"),
+        "--dataset_path", str(tiny_data["packed"]), "--tokenizer_path", str(tiny_data["tokenizer"]),
+        "--output_dir", str(output_dir), "--max_eval_samples", "16", "--disable_tqdm", "true",
+        *TINY_MODEL_OVERRIDES, *extra,
+    ]

@@ -1,0 +1,104 @@
+"""The pretraining recipe in-process: a few steps, reloadable output, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+from conftest import REPO_ROOT, pretrain_argv
+from data_prep.artifacts import UserError
+from recipes.pretrain import pretrain
+
+
+def run_pretrain(argv, callbacks=None):
+    return pretrain.main(*pretrain.parse_args(argv), callbacks=callbacks)
+
+
+def test_few_steps_save_reloadable_model_with_card(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    metrics = run_pretrain(pretrain_argv(tiny_data, out, "--max_steps", "6", "--logging_steps", "2",
+                                         "--save_steps", "100"))
+    assert math.isfinite(metrics["eval_loss"]) and metrics["steps"] == 6
+    assert metrics["tokens_per_second"] > 0 and 0 < metrics["mfu"] < 1.5
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert model.config.vocab_size == len(tokenizer)
+    assert (out / "model.safetensors").is_file() and not list(out.glob("*.bin"))
+    card = (out / "README.md").read_text()
+    for needle in ("max_steps", "eval_loss", str(tiny_data["packed"]), "hidden_size"):
+        assert needle in card
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["inputs"]["dataset_path"] == str(tiny_data["packed"])
+    assert not (out / ".final-tmp").exists()
+    batch = torch.tensor(_first_blocks(tiny_data, 4))
+    with torch.inference_mode():
+        loss = model(input_ids=batch, labels=batch).loss
+    assert math.isfinite(loss.item())
+
+
+def _first_blocks(tiny_data, n):
+    from datasets import load_from_disk
+
+    return list(load_from_disk(str(tiny_data["packed"]))["validation"]["input_ids"])[:n]
+
+
+class StopAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(tiny_data, tmp_path):
+    common = ["--max_steps", "8", "--save_steps", "4", "--logging_steps", "1", "--eval_at_init", "false"]
+    straight = run_pretrain(pretrain_argv(tiny_data, tmp_path / "straight", *common))
+
+    interrupted_dir = tmp_path / "interrupted"
+    with pytest.raises(SystemExit):  # the "crash": stop at step 4, after checkpoint-4 was written
+        run_pretrain(pretrain_argv(tiny_data, interrupted_dir, *common), callbacks=[Crash(4)])
+    assert (interrupted_dir / "checkpoint-4").is_dir() and not (interrupted_dir / "manifest.json").exists()
+    resumed = run_pretrain(pretrain_argv(tiny_data, interrupted_dir, *common, "--resume_from_checkpoint", "true"))
+
+    assert resumed["steps"] == straight["steps"] == 8
+    assert resumed["final_train_loss"] == pytest.approx(straight["final_train_loss"], rel=1e-5)
+    assert resumed["eval_loss"] == pytest.approx(straight["eval_loss"], rel=1e-5)
+
+
+class Crash(TrainerCallback):
+    """Dies right after the checkpoint of `step` is on disk, like a killed job."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            raise SystemExit("simulated crash")
+
+
+def test_block_larger_than_context_is_refused(tiny_data, tmp_path):
+    with pytest.raises(UserError, match="max_position_embeddings 32"):
+        run_pretrain(pretrain_argv(tiny_data, tmp_path / "x", "--max_position_embeddings", "32"))
+
+
+def test_missing_tokenizer_directory_is_refused(tiny_data, tmp_path):
+    with pytest.raises(UserError, match="tokenizer directory not found"):
+        run_pretrain(pretrain_argv(tiny_data, tmp_path / "x", "--tokenizer_path", str(tmp_path / "nope")))
+
+
+def test_unknown_yaml_key_is_one_line_error(tmp_path):
+    config = tmp_path / "typo.yaml"
+    config.write_text((REPO_ROOT / "recipes/pretrain/tiny.yaml").read_text() + "learning_rat: 0.1\n")
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "recipes/pretrain/pretrain.py"), "--config", str(config)],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert lines == [f"error: {config}: unknown key(s) learning_rat"]
+    assert "Traceback" not in result.stderr
