@@ -39,29 +39,39 @@ def run_cli(main: Callable[[], Any]) -> None:
 def parse_config(dataclass_types: list[type], args: list[str] | None = None) -> tuple:
     """Parse `--config file.yaml` plus command-line overrides into dataclasses with TrlParser.
 
-    Unknown YAML keys and unreadable files become a `UserError` naming the key and file.
+    A YAML key that no dataclass knows, a bad value or a bad flag becomes a one-line `UserError`
+    naming the key and the file.
     """
+    import dataclasses
+
+    import yaml
     from trl import TrlParser
+
+    class _Parser(TrlParser):
+        def error(self, message):  # argparse would print its whole usage text
+            raise UserError(f"{config_path or 'command line'}: {message}")
 
     args = list(sys.argv[1:] if args is None else args)
     config_path = args[args.index("--config") + 1] if "--config" in args[:-1] else None
-    if config_path is not None and not Path(config_path).is_file():
-        raise UserError(f"config file not found: {config_path}")
-    parser = TrlParser(dataclass_types)
+    if config_path is not None:
+        if not Path(config_path).is_file():
+            raise UserError(f"config file not found: {config_path}")
+        try:
+            config = yaml.safe_load(Path(config_path).read_text()) or {}
+        except yaml.YAMLError as err:
+            line = getattr(getattr(err, "problem_mark", None), "line", -1) + 1
+            raise UserError(f"{config_path}:{line}: not valid YAML") from None
+        if not isinstance(config, dict):
+            raise UserError(f"{config_path}: must hold a mapping of key: value")
+        known = {f.name for cls in dataclass_types for f in dataclasses.fields(cls)} | {"env"}
+        unknown = [key for key in config if key not in known]
+        if unknown:
+            raise UserError(f"{config_path}: unknown key(s) {', '.join(map(str, unknown))}")
+    parser = _Parser(dataclass_types)
     try:
         return parser.parse_args_and_config(args)
     except ValueError as err:
-        message = str(err)
-        if message.startswith("Unknown arguments from config file"):
-            keys = [k.lstrip("-") for k in message.split("[", 1)[1].split("]", 1)[0].replace("'", "").split(", ")]
-            keys = [k for k in keys if k and not _looks_like_value(k)]
-            raise UserError(f"{config_path}: unknown key(s) {', '.join(keys)}") from None
-        raise UserError(f"{config_path or 'command line'}: {message.splitlines()[0]}") from None
-
-
-def _looks_like_value(token: str) -> bool:
-    # TrlParser reports leftovers as ['--key', 'value', ...]; keep the keys only.
-    return not token or token[0].isdigit() or " " in token or token in {"True", "False", "None"}
+        raise UserError(f"{config_path or 'command line'}: {str(err).splitlines()[0]}") from None
 
 
 def fingerprint(*parts: Any) -> str:

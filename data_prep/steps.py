@@ -17,6 +17,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import os
 import re
 import sysconfig
 import unicodedata
@@ -75,15 +76,20 @@ class StdlibReader(PipelineStep):
         self.root = Path(sysconfig.get_paths()["stdlib"])
         self.max_files = max_files
         self.max_file_bytes = max_file_bytes
+        self._files: list[Path] | None = None
 
     def files(self) -> list[Path]:
-        paths = []
-        for path in sorted(self.root.rglob("*.py")):
-            parts = set(path.relative_to(self.root).parts[:-1])
-            if parts & self.skip_dirs or path.stat().st_size > self.max_file_bytes:
-                continue
-            paths.append(path)
-        return paths[: self.max_files] if self.max_files else paths
+        if self._files is None:
+            paths = []
+            for dirpath, dirnames, filenames in os.walk(self.root):
+                dirnames[:] = sorted(d for d in dirnames if d not in self.skip_dirs)  # prune while walking
+                for name in filenames:
+                    path = Path(dirpath) / name
+                    if name.endswith(".py") and path.stat().st_size <= self.max_file_bytes:
+                        paths.append(path)
+            paths.sort()
+            self._files = paths[: self.max_files] if self.max_files else paths
+        return self._files
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
         for path in self.files()[rank::world_size]:
@@ -144,14 +150,15 @@ class LocalFileReader(PipelineStep):
                 yield from self._parquet(path)
                 continue
             try:
-                text = path.read_text(encoding="utf-8")
+                text = path.read_text(encoding="utf-8-sig")  # tolerate a byte-order mark
             except UnicodeDecodeError as err:
                 line = path.read_bytes()[: err.start].count(b"\n") + 1
                 raise UserError(f"{path}:{line}: not valid UTF-8 (byte offset {err.start})") from None
             if path.suffix in (".txt", ".md"):
                 yield Document(text, str(path), {"source": "local", "path": str(path)})
             elif path.suffix == ".jsonl":
-                for lineno, line in enumerate(text.splitlines(), 1):
+                # split on "\n" only: str.splitlines() would also cut at U+2028 inside JSON strings
+                for lineno, line in enumerate(text.split("\n"), 1):
                     if line.strip():
                         yield self._row(json_line(path, lineno, line), path, lineno)
             else:

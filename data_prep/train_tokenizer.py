@@ -97,11 +97,37 @@ def train_sentencepiece(texts, vocab_size: int, model_type: str, workdir: Path):
     prefix = workdir / "spm"
     # SentencePiece reads line-sized "sentences"; newlines are restored by byte fallback.
     lines = (line for text in texts for line in text.split("\n") if line.strip())
+    try:
+        _train_spm_model(spm, lines, prefix, model_type, vocab_size - len(SPECIAL_TOKENS))
+    except RuntimeError as err:  # sentencepiece reports corpus/vocab mismatches this way
+        raise UserError(f"sentencepiece cannot train vocab_size {vocab_size} on this corpus: "
+                        f"{str(err).strip().splitlines()[-1]}") from None
+    processor = spm.SentencePieceProcessor(model_file=str(prefix) + ".model")
+    pieces = [(processor.id_to_piece(i), processor.get_score(i)) for i in range(processor.get_piece_size())]
+    if model_type == "unigram":
+        model = models.Unigram(pieces, unk_id=processor.unk_id(), byte_fallback=True)
+    else:
+        vocab = {piece: i for i, (piece, _) in enumerate(pieces)}
+        merges = generate_merges(vocab, dict(pieces))
+        model = models.BPE(vocab, merges, unk_token=processor.id_to_piece(processor.unk_id()), byte_fallback=True, fuse_unk=True)
+    tokenizer = Tokenizer(model)
+    # Newlines stand alone: otherwise a newline glued to out-of-vocabulary characters becomes one
+    # byte-fallback span, and a template "\n" would share offsets with (and the loss mask of) the reply.
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split("\n", behavior="isolated"),
+        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True),
+    ])
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tokenizer.add_special_tokens(SPECIAL_TOKENS)
+    return tokenizer
+
+
+def _train_spm_model(spm, lines, prefix: Path, model_type: str, vocab_size: int) -> None:
     spm.SentencePieceTrainer.train(
         sentence_iterator=lines,
         model_prefix=str(prefix),
         model_type=model_type,
-        vocab_size=vocab_size - len(SPECIAL_TOKENS),
+        vocab_size=vocab_size,
         byte_fallback=True,
         normalization_rule_name="identity",
         add_dummy_prefix=False,
@@ -115,19 +141,6 @@ def train_sentencepiece(texts, vocab_size: int, model_type: str, workdir: Path):
         shuffle_input_sentence=True,
         minloglevel=2,
     )
-    processor = spm.SentencePieceProcessor(model_file=str(prefix) + ".model")
-    pieces = [(processor.id_to_piece(i), processor.get_score(i)) for i in range(processor.get_piece_size())]
-    if model_type == "unigram":
-        model = models.Unigram(pieces, unk_id=processor.unk_id(), byte_fallback=True)
-    else:
-        vocab = {piece: i for i, (piece, _) in enumerate(pieces)}
-        merges = generate_merges(vocab, dict(pieces))
-        model = models.BPE(vocab, merges, unk_token=processor.id_to_piece(processor.unk_id()), byte_fallback=True, fuse_unk=True)
-    tokenizer = Tokenizer(model)
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True)
-    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
-    tokenizer.add_special_tokens(SPECIAL_TOKENS)
-    return tokenizer
 
 
 def wrap_for_transformers(tokenizer, model_max_length: int):

@@ -4,9 +4,26 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 from data_prep.artifacts import MANIFEST_NAME, UserError
+
+
+def with_cpu_process_group(argv: list[str] | None) -> list[str]:
+    """Add `--ddp_backend gloo` for multi-process runs on machines without CUDA.
+
+    Under `accelerate launch` with DeepSpeed on CPU, accelerate's PartialState finds no default
+    backend and falls back to a single process although DeepSpeed already joined all ranks
+    (DeepSpeed then sees world size 2 and the batch-size check fails). Naming gloo fixes it.
+    """
+    import torch
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed and not torch.cuda.is_available() and "--ddp_backend" not in argv:
+        argv += ["--ddp_backend", "gloo"]
+    return argv
 
 
 def resolve_resume(resume_from_checkpoint: str | None, output_dir: str) -> str | None:

@@ -58,7 +58,7 @@ class StopAt(TrainerCallback):
 
 
 def test_resume_after_interruption_matches_uninterrupted_run(tiny_data, tmp_path):
-    common = ["--max_steps", "8", "--save_steps", "4", "--logging_steps", "1", "--eval_at_init", "false"]
+    common = ["--max_steps", "8", "--save_steps", "4", "--logging_steps", "1", "--eval_on_start", "false"]
     straight = run_pretrain(pretrain_argv(tiny_data, tmp_path / "straight", *common))
 
     interrupted_dir = tmp_path / "interrupted"

@@ -24,7 +24,7 @@ from pathlib import Path
 from transformers import Trainer, TrainingArguments
 
 from data_prep.artifacts import UserError, build_manifest, parse_config, read_manifest, run_cli, write_manifest
-from recipes.common import mark_incomplete, model_card, publish, resolve_resume
+from recipes.common import mark_incomplete, model_card, publish, resolve_resume, with_cpu_process_group
 
 
 @dataclass
@@ -32,7 +32,6 @@ class ScriptArguments:
     dataset_path: str = field(default="outputs/packed", metadata={"help": "Output of data_prep.pack_dataset."})
     tokenizer_path: str = field(default="outputs/tokenizer", metadata={"help": "Output of data_prep.train_tokenizer."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on at most this many blocks."})
-    eval_at_init: bool = field(default=True, metadata={"help": "Record validation loss before training."})
     peak_tflops: float | None = field(default=None, metadata={"help": "Peak per device for MFU; None measures a matmul."})
 
 
@@ -103,7 +102,7 @@ def main(script_args, training_args, arch_args, callbacks=None) -> dict:
     config = build_config(arch_args, tokenizer)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     partitioned_at_init = hasattr(next(model.parameters()), "ds_numel")  # True when zero.Init built it
-    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # full size under ZeRO-3
 
     # ------------------------------------------------------------------ trainer
     collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
@@ -120,8 +119,9 @@ def main(script_args, training_args, arch_args, callbacks=None) -> dict:
     peak_source = "given" if script_args.peak_tflops else f"measured {str(peak_dtype).split('.')[-1]} matmul on {device.type}"
     tokens_per_step = (training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
                        * training_args.world_size * block_size)
-    model_flops = _zero3_flops(model, block_size) if partitioned_at_init else flops_per_token(model, block_size)
+    model_flops = flops_per_token(model, block_size)
     trainer.meter = ThroughputMeter(tokens_per_step, model_flops, peak, training_args.world_size)
+    trainer.add_callback(trainer.meter)
     state = trainer.accelerator.state
     zero_stage = state.deepspeed_plugin.zero_stage if state.deepspeed_plugin else None
     trainer.log_line(f"{state.distributed_type.value}{f' ZeRO-{zero_stage}' if zero_stage else ''} on "
@@ -130,8 +130,6 @@ def main(script_args, training_args, arch_args, callbacks=None) -> dict:
                      f"MFU assumes a peak of {peak / 1e12:.2f} TFLOP/s per process ({peak_source})")
 
     # ------------------------------------------------------------------ train
-    init_metrics = trainer.evaluate(metric_key_prefix="init") if script_args.eval_at_init else {}
-    trainer.meter.start(0)
     resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
     train_result = trainer.train(resume_from_checkpoint=resume)
 
@@ -145,7 +143,7 @@ def main(script_args, training_args, arch_args, callbacks=None) -> dict:
         "final_train_loss": _last_logged(trainer, "loss"),
         "eval_loss": eval_metrics["eval_loss"],
         "eval_perplexity": math.exp(min(eval_metrics["eval_loss"], 50)),
-        "init_eval_loss": init_metrics.get("init_loss"),
+        "init_eval_loss": _initial_eval_loss(trainer),  # from eval_on_start, kept across resumes
         "tokens_per_second": _last_logged(trainer, "tokens_per_second"),
         "mfu": _last_logged(trainer, "mfu"),
         "peak_tflops": round(peak / 1e12, 3),
@@ -182,27 +180,14 @@ class ThroughputTrainer(Trainer):
             logs.update(self.meter.update(self.state.global_step))
         super().log(logs, start_time)
 
-    def _load_from_checkpoint(self, *args, **kwargs):
-        result = super()._load_from_checkpoint(*args, **kwargs)
-        if self.meter is not None:  # the first interval after a resume starts at the restored step
-            self.meter.start(self.state.global_step)
-        return result
-
     def log_line(self, message: str) -> None:
         if self.is_world_process_zero():
             print(f"[pretrain] {message}", flush=True)
 
 
-def _zero3_flops(model, seq_len: int) -> float:
-    """flops_per_token for a ZeRO-3 partitioned model, whose local tensors are empty."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from recipes.pretrain.throughput import flops_per_token
-
-    with torch.device("meta"):
-        shadow = AutoModelForCausalLM.from_config(model.config)
-    return flops_per_token(shadow, seq_len)
+def _initial_eval_loss(trainer):
+    at_start = [e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e and e.get("step") == 0]
+    return at_start[0] if at_start else None
 
 
 def _last_logged(trainer, key: str):
@@ -231,7 +216,7 @@ def _card(inputs: dict, options: dict, metrics: dict, data_manifest: dict) -> st
 
 
 def parse_args(argv: list[str] | None = None):
-    return parse_config([ScriptArguments, TrainingArguments, ArchitectureArguments], argv)
+    return parse_config([ScriptArguments, TrainingArguments, ArchitectureArguments], with_cpu_process_group(argv))
 
 
 if __name__ == "__main__":

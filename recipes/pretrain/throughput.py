@@ -14,20 +14,25 @@ from __future__ import annotations
 import time
 
 import torch
+from transformers import TrainerCallback
 
 
 def active_parameters(model: torch.nn.Module) -> int:
     """Parameters used per token: all but the input embedding, and only the routed experts of MoE."""
     config = model.config
-    total = sum(p.numel() for p in model.parameters())
+    total = sum(_numel(p) for p in model.parameters())
     embedding = model.get_input_embeddings().weight
     tied = getattr(config, "tie_word_embeddings", False)
-    active = total if tied else total - embedding.numel()  # a tied matrix is the (compute-bearing) lm_head
+    active = total if tied else total - _numel(embedding)  # a tied matrix is the (compute-bearing) lm_head
     experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
     if experts:
-        expert_params = sum(p.numel() for name, p in model.named_parameters() if ".experts." in name)
+        expert_params = sum(_numel(p) for name, p in model.named_parameters() if ".experts." in name)
         active -= expert_params * (experts - config.num_experts_per_tok) // experts
     return active
+
+
+def _numel(param: torch.Tensor) -> int:
+    return getattr(param, "ds_numel", None) or param.numel()  # ZeRO-3 leaves an empty local tensor
 
 
 def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
@@ -53,8 +58,12 @@ def measure_peak_flops(device: torch.device | str = "cpu", dtype: torch.dtype = 
     return 2 * size**3 / best
 
 
-class ThroughputMeter:
-    """Turns global-step counts and wall time into tokens/s and MFU between two log points."""
+class ThroughputMeter(TrainerCallback):
+    """Turns global-step counts and wall time into tokens/s and MFU between two log points.
+
+    As a callback it restarts its clock when training begins (also after a resume) and after
+    each evaluation, so evaluation time never counts as training time.
+    """
 
     def __init__(self, tokens_per_step: int, flops_per_token: float, peak_flops: float, world_size: int) -> None:
         self.tokens_per_step = tokens_per_step
@@ -64,6 +73,12 @@ class ThroughputMeter:
 
     def start(self, step: int) -> None:
         self.last_step, self.last_time = step, time.perf_counter()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start(state.global_step)
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self.start(state.global_step)
 
     def update(self, step: int) -> dict[str, float]:
         now = time.perf_counter()

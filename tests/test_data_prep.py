@@ -1,0 +1,328 @@
+"""data_prep.build_corpus and its pipeline steps: normalisation, dedup, split, readers, errors, atomicity."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from datasets import load_from_disk
+
+from conftest import REPO_ROOT
+from data_prep.artifacts import UserError
+from data_prep.build_corpus import CorpusArguments, build_corpus, main
+from data_prep.steps import (
+    Document,
+    ExactDedup,
+    LocalFileReader,
+    Normalizer,
+    PipelineStep,
+    normalize_text,
+    run_pipeline,
+)
+
+
+def local_args(tmp_path, inputs, **overrides) -> CorpusArguments:
+    options = {"output_dir": str(tmp_path / "corpus"), "source": "local",
+               "input_paths": [str(p) for p in inputs], "min_chars": 1, **overrides}
+    return CorpusArguments(**options)
+
+
+def all_rows(corpus_dir) -> dict[str, dict]:
+    corpus = load_from_disk(str(corpus_dir))
+    return {row["id"]: row for split in corpus.values() for row in split}
+
+
+def leftovers(parent, name: str) -> list[str]:
+    """Temporary siblings that atomic_output_dir would leave behind after a failure."""
+    return [p.name for p in parent.iterdir() if p.name.startswith(f".{name}.")]
+
+
+# ----------------------------------------------------------------------------- normalize_text
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("\ufb01le \ufb02ow", "file flow"),                       # ligatures fi/fl -> ASCII (NFKC)
+        ("\uff11\uff12\uff13 \uff21\uff22", "123 AB"),             # full-width digits and letters
+        ("a\r\nb\rc\n", "a\nb\nc"),                               # CRLF and lone CR -> LF
+        ("code  \t\nmore\u00a0\nend   ", "code\nmore\nend"),       # trailing blanks on every line
+        ("a\n\n\n\n\nb", "a\n\nb"),                               # blank-line runs -> one blank line
+        ("a\n\nb", "a\n\nb"),                                     # a single blank line is kept
+        ("def f():\n    x = 1\n\tif x:\n\t\treturn  x", "def f():\n    x = 1\n\tif x:\n\t\treturn  x"),
+        ("\n\n  indented first line\n\n", "  indented first line"),  # outer newlines go, indent stays
+    ],
+)
+def test_normalize_text(raw, expected):
+    assert normalize_text(raw) == expected
+    assert normalize_text(expected) == expected  # idempotent
+
+
+# ----------------------------------------------------------------------------- steps
+def test_normalizer_drops_short_documents_after_normalising():
+    docs = [Document("tiny", "a"), Document("long enough  \r\n", "b"), Document("ab   \n\n\n\n", "c"),
+            Document("\ufb01ne and dandy", "d")]
+    step = Normalizer(min_chars=5)
+    kept = list(step.run(docs))
+    assert [(d.id, d.text) for d in kept] == [("b", "long enough"), ("d", "fine and dandy")]
+    assert step.stats == {"kept": 2, "dropped_short": 2}
+
+
+def test_exact_dedup_drops_and_counts_duplicates():
+    docs = [Document(t, str(i)) for i, t in enumerate(["A", "B", "A", "A", "C", "B"])]
+    step = ExactDedup()
+    kept = list(step.run(docs))
+    assert [(d.id, d.text) for d in kept] == [("0", "A"), ("1", "B"), ("4", "C")]
+    assert step.stats == {"kept": 3, "duplicates": 3}
+
+
+def test_pipeline_dedups_on_normalised_text():
+    docs = [Document("same text  \r\n", "1"), Document("same text", "2"), Document("other text", "3")]
+
+    class ListReader(PipelineStep):  # a reader ignores its input and yields documents
+        def run(self, data=None, rank=0, world_size=1):
+            yield from docs
+
+    dedup = ExactDedup()
+    kept = list(run_pipeline([ListReader(), Normalizer(min_chars=1), dedup]))
+    assert [d.id for d in kept] == ["1", "3"]
+    assert dedup.stats["duplicates"] == 1
+
+
+# ----------------------------------------------------------------------------- stdlib corpus
+def test_stdlib_corpus_split_and_manifest(tiny_data):
+    corpus = load_from_disk(str(tiny_data["corpus"]))
+    manifest = json.loads((tiny_data["corpus"] / "manifest.json").read_text())
+    assert set(corpus) == {"train", "validation"}
+    n_train, n_val = len(corpus["train"]), len(corpus["validation"])
+    total = n_train + n_val
+    assert total >= 40, "the stdlib corpus should hold code and prose documents"
+    assert abs(n_val - 0.1 * total) <= 1
+    train_ids, val_ids = set(corpus["train"]["id"]), set(corpus["validation"]["id"])
+    assert len(train_ids) == n_train and len(val_ids) == n_val
+    assert not train_ids & val_ids
+    assert set(corpus["train"]["source"]) | set(corpus["validation"]["source"]) == {"code", "prose"}
+
+    out = manifest["outputs"]
+    for split, ds in corpus.items():
+        assert out[split]["documents"] == len(ds)
+        assert out[split]["bytes"] == sum(len(t.encode("utf-8")) for t in ds["text"])
+    assert out["steps"]["exact_dedup"]["kept"] == total
+    assert manifest["stage"] == "corpus"
+    assert manifest["inputs"]["source"] == "stdlib"
+    assert len(manifest["fingerprint"]) == 16 and int(manifest["fingerprint"], 16) >= 0
+    # Every stored text is already normalised.
+    for text in corpus["validation"]["text"]:
+        assert normalize_text(text) == text
+
+
+def test_stdlib_rebuild_with_same_seed_is_identical(tiny_data, tmp_path):
+    reference = load_from_disk(str(tiny_data["corpus"]))
+    ref_manifest = json.loads((tiny_data["corpus"] / "manifest.json").read_text())
+    options = ref_manifest["options"]
+    same = build_corpus(CorpusArguments(output_dir=str(tmp_path / "same"), max_stdlib_files=options["max_stdlib_files"],
+                                        min_chars=options["min_chars"], seed=options["seed"]))
+    again = load_from_disk(str(tmp_path / "same"))
+    for split in ("train", "validation"):
+        assert again[split]["id"] == reference[split]["id"]
+        assert again[split]["text"] == reference[split]["text"]
+    assert same["fingerprint"] == ref_manifest["fingerprint"]
+
+
+def test_different_seed_gives_a_different_split(tmp_path):
+    # The split is source-independent; a local corpus keeps this fast (a stdlib build walks site-packages).
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(60):
+        (data / f"doc{i:02d}.txt").write_text(f"document {i}: " + "words " * (i + 5))
+    splits = {}
+    for seed in (1, 1, 2):
+        manifest = build_corpus(local_args(tmp_path, [data], output_dir=str(tmp_path / f"seed{seed}"), seed=seed))
+        corpus = load_from_disk(str(tmp_path / f"seed{seed}"))
+        splits.setdefault(seed, []).append((corpus["train"]["id"], corpus["validation"]["id"], manifest["fingerprint"]))
+    assert splits[1][0] == splits[1][1]
+    (train1, val1, fp1), (train2, val2, fp2) = splits[1][0], splits[2][0]
+    assert len(val1) == len(val2) == 6
+    assert set(val1) != set(val2)
+    assert set(train1) | set(val1) == set(train2) | set(val2)
+    assert fp1 != fp2
+
+
+def test_fingerprint_follows_options(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(12):
+        (data / f"doc{i:02d}.txt").write_text(f"document number {i} " * (i + 1))
+    first = build_corpus(local_args(tmp_path, [data], output_dir=str(tmp_path / "a")))
+    repeat = build_corpus(local_args(tmp_path, [data], output_dir=str(tmp_path / "b")))
+    stricter = build_corpus(local_args(tmp_path, [data], output_dir=str(tmp_path / "c"), min_chars=30))
+    assert first["fingerprint"] == repeat["fingerprint"]
+    assert stricter["fingerprint"] != first["fingerprint"]
+    # Only "document number 0" (17 characters) is shorter than 30.
+    assert stricter["outputs"]["steps"]["normalizer"]["dropped_short"] == 1
+    (data / "doc00.txt").write_text("changed input contents, same options")
+    changed = build_corpus(local_args(tmp_path, [data], output_dir=str(tmp_path / "d")))
+    assert changed["fingerprint"] != first["fingerprint"]
+
+
+# ----------------------------------------------------------------------------- local reader
+def test_local_reader_all_formats_with_custom_text_field(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data = tmp_path / "data"
+    (data / "nested").mkdir(parents=True)
+    (data / "a.txt").write_text("plain \ufb01le text   \r\nsecond line\r\n", encoding="utf-8")
+    (data / "nested" / "b.md").write_text("# Title\n\n\n\n\nBody with \uff11\uff12 full-width.  \n", encoding="utf-8")
+    rows = [{"body": "jsonl row one\t\n", "other": 1},
+            {"body": "jsonl row two: \u4e2d\u6587 \U0001F469\u200d\U0001F469\u200d\U0001F467"}]
+    (data / "c.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n\n", encoding="utf-8")
+    (data / "d.json").write_text(json.dumps([{"body": "json item zero"}, {"body": "json item one  \n\n\n\nend"}]))
+    pq.write_table(pa.table({"body": ["parquet row zero", "parquet \u0430\u0431\u0432  row one"], "n": [0, 1]}),
+                   data / "e.parquet")
+    (data / "ignored.csv").write_text("body\nnot read\n")
+
+    reader = LocalFileReader([str(data)], text_field="body")
+    assert [p.name for p in reader.files()] == ["a.txt", "c.jsonl", "d.json", "e.parquet", "b.md"]
+    raw = {d.id: d.text for d in reader.run(None)}
+    assert raw[f"{data}/c.jsonl#1"] == "jsonl row one\t\n"
+    assert raw[f"{data}/c.jsonl#2"] == rows[1]["body"]
+    assert raw[f"{data}/e.parquet#1"] == "parquet \u0430\u0431\u0432  row one"
+    assert reader.stats["files"] == 5
+
+    build_corpus(local_args(tmp_path, [data], text_field="body"))
+    texts = {doc_id: row["text"] for doc_id, row in all_rows(tmp_path / "corpus").items()}
+    assert texts == {
+        f"{data}/a.txt": "plain file text\nsecond line",
+        f"{data}/nested/b.md": "# Title\n\nBody with 12 full-width.",
+        f"{data}/c.jsonl#1": "jsonl row one",
+        f"{data}/c.jsonl#2": rows[1]["body"],
+        f"{data}/d.json#0": "json item zero",
+        f"{data}/d.json#1": "json item one\n\nend",
+        f"{data}/e.parquet#0": "parquet row zero",
+        f"{data}/e.parquet#1": "parquet \u0430\u0431\u0432  row one",
+    }
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_empty_corpus_is_a_user_error(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "short.txt").write_text("too short")
+    with pytest.raises(UserError, match="empty corpus") as err:
+        build_corpus(local_args(tmp_path, [data], min_chars=32))
+    assert str(data) in str(err.value)
+
+
+def test_non_utf8_file_names_file_and_line(tmp_path):
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes(b"first line is fine\nsecond too\ncaf\xe9 is latin-1\n")
+    with pytest.raises(UserError, match="not valid UTF-8") as err:
+        build_corpus(local_args(tmp_path, [bad]))
+    assert f"{bad}:3:" in str(err.value)
+
+
+def test_jsonl_line_that_is_not_json(tmp_path):
+    bad = tmp_path / "rows.jsonl"
+    bad.write_text('{"text": "row one is fine"}\n\n{"text": "row three is fine"}\n{"text": broken\n')
+    with pytest.raises(UserError, match="not valid JSON") as err:
+        build_corpus(local_args(tmp_path, [bad]))
+    assert f"{bad}:4:" in str(err.value)
+
+
+def test_jsonl_row_missing_text_field(tmp_path):
+    bad = tmp_path / "rows.jsonl"
+    bad.write_text('{"content": "fine"}\n{"body": "wrong field"}\n')
+    with pytest.raises(UserError, match="missing text field 'content'") as err:
+        build_corpus(local_args(tmp_path, [bad], text_field="content"))
+    assert f"{bad}:2:" in str(err.value)
+
+
+def test_unknown_yaml_key_names_key_and_file(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text(f"output_dir: {tmp_path / 'corpus'}\nmax_stdlib_files: 5\nvalidation_fractoin: 0.2\n")
+    with pytest.raises(UserError, match="validation_fractoin") as err:
+        main(["--config", str(config)])
+    assert str(config) in str(err.value)
+    assert not (tmp_path / "corpus").exists()
+
+
+def test_cli_reports_bad_config_in_one_line(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text(f"output_dir: {tmp_path / 'corpus'}\nbogus_key: 3\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "data_prep.build_corpus", "--config", str(config)],
+                            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error:") and "bogus_key" in lines[0] and str(config) in lines[0]
+    assert not (tmp_path / "corpus").exists()
+
+
+def test_jsonl_with_unicode_line_separator_inside_a_string(tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    texts = ["first\u2028paragraph separator inside", "second row"]
+    rows.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8")
+    assert [d.text for d in LocalFileReader([str(rows)]).run(None)] == texts
+
+
+def test_unknown_yaml_key_with_string_value_names_only_the_key(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("bogus_key: some_value\n")
+    with pytest.raises(UserError) as err:
+        main(["--config", str(config)])
+    assert str(err.value) == f"{config}: unknown key(s) bogus_key"
+
+
+# ----------------------------------------------------------------------------- atomicity
+def good_input(tmp_path):
+    data = tmp_path / "good"
+    data.mkdir(exist_ok=True)
+    for i in range(10):
+        (data / f"{i}.txt").write_text(f"good document {i} with enough characters to be kept")
+    return data
+
+
+def test_failed_build_leaves_nothing(tmp_path):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"\xff\xfe not utf-8")
+    out = tmp_path / "out" / "corpus"
+    with pytest.raises(UserError):
+        build_corpus(local_args(tmp_path, [bad], output_dir=str(out)))
+    assert not out.exists()
+    assert not out.parent.exists() or leftovers(out.parent, "corpus") == []
+
+
+def test_failed_rebuild_keeps_previous_output(tmp_path):
+    out = tmp_path / "corpus"
+    build_corpus(local_args(tmp_path, [good_input(tmp_path)]))
+    before = (out / "manifest.json").read_text()
+    ids_before = set(all_rows(out))
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("not json\n")
+    with pytest.raises(UserError):
+        build_corpus(local_args(tmp_path, [bad]))
+    assert (out / "manifest.json").read_text() == before
+    assert set(all_rows(out)) == ids_before
+    assert leftovers(tmp_path, "corpus") == []
+
+
+def test_failure_while_writing_keeps_previous_output(tmp_path, monkeypatch):
+    import data_prep.build_corpus as module
+
+    out = tmp_path / "corpus"
+    build_corpus(local_args(tmp_path, [good_input(tmp_path)]))
+    before = (out / "manifest.json").read_text()
+
+    def crash(directory, manifest):
+        assert (directory / "dataset_dict.json").is_file()  # the data was written to the temp dir first
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(module, "write_manifest", crash)
+    with pytest.raises(RuntimeError, match="disk full"):
+        build_corpus(local_args(tmp_path, [good_input(tmp_path)], seed=7))
+    assert (out / "manifest.json").read_text() == before
+    assert leftovers(tmp_path, "corpus") == []

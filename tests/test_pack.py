@@ -1,0 +1,105 @@
+"""data_prep.pack_dataset: packing loses and repeats nothing, tails are padded and masked, errors."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from datasets import load_from_disk
+
+from data_prep.artifacts import UserError
+from data_prep.pack_dataset import PackArguments, pack_blocks, pack_dataset
+from data_prep.train_tokenizer import load_tokenizer
+
+BLOCK_SIZE = 48
+BATCH = 7  # documents per packing batch: many batches, so many padded tails
+
+
+def test_pack_blocks_by_hand():
+    docs = [[1, 2, 3], [4, 5], [6, 7, 8, 9, 10]]
+    packed = pack_blocks(docs, block_size=4, pad_id=0)
+    assert packed["input_ids"] == [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 0, 0]]
+    assert packed["attention_mask"] == [[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 0, 0]]
+
+    exact = pack_blocks([[1, 2], [3, 4, 5, 6]], block_size=3, pad_id=-1)
+    assert exact == {"input_ids": [[1, 2, 3], [4, 5, 6]], "attention_mask": [[1, 1, 1], [1, 1, 1]]}
+
+    long = pack_blocks([list(range(1, 12))], block_size=5, pad_id=99)
+    assert long["input_ids"] == [[1, 2, 3, 4, 5], [6, 7, 8, 9, 10], [11, 99, 99, 99, 99]]
+    assert sum(map(sum, long["attention_mask"])) == 11
+
+    assert pack_blocks([], block_size=4, pad_id=0) == {"input_ids": [], "attention_mask": []}
+
+
+@pytest.fixture(scope="module")
+def packed(tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pack") / "packed"
+    manifest = pack_dataset(PackArguments(
+        corpus_dir=str(tiny_data["corpus"]), tokenizer_dir=str(tiny_data["tokenizer"]), output_dir=str(out),
+        block_size=BLOCK_SIZE, num_proc=2, pack_batch_size=BATCH,
+    ))
+    return out, manifest
+
+
+@pytest.mark.parametrize("split", ["train", "validation"])
+def test_packing_preserves_every_document_token(tiny_data, packed, split):
+    out, manifest = packed
+    tokenizer = load_tokenizer(tiny_data["tokenizer"])
+    bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    docs = load_from_disk(str(tiny_data["corpus"]))[split]["text"]
+    encoded = tokenizer.backend_tokenizer.encode_batch(docs, add_special_tokens=False)
+    expected = [tok for enc in encoded for tok in (bos, *enc.ids, eos)]
+
+    blocks = load_from_disk(str(out))[split]
+    assert blocks.column_names == ["input_ids", "attention_mask"]
+    stream, tails = [], 0
+    for ids, mask in zip(blocks["input_ids"], blocks["attention_mask"]):
+        assert len(ids) == len(mask) == BLOCK_SIZE
+        real = sum(mask)
+        assert real > 0 and mask == [1] * real + [0] * (BLOCK_SIZE - real)  # padding only at the end
+        assert ids[real:] == [pad] * (BLOCK_SIZE - real)
+        tails += real < BLOCK_SIZE
+        stream += ids[:real]
+    assert stream == expected
+    # At most one padded tail per packing batch; with num_proc=2 the two shards batch separately.
+    assert 1 <= tails <= math.ceil(len(docs) / BATCH) + 1
+    if split == "train":
+        assert tails > 1, "several batches should each have left a padded tail"
+
+    figures = manifest["outputs"][split]
+    assert figures["tokens"] == len(expected)
+    assert figures["blocks"] == len(blocks)
+    assert figures["padding"] == len(blocks) * BLOCK_SIZE - len(expected)
+
+
+def test_manifest_names_inputs_and_options(tiny_data, packed):
+    out, manifest = packed
+    assert json.loads((out / "manifest.json").read_text())["fingerprint"] == manifest["fingerprint"]
+    for stage in ("corpus", "tokenizer"):
+        upstream = json.loads((tiny_data[stage] / "manifest.json").read_text())
+        assert manifest["inputs"][f"{stage}_fingerprint"] == upstream["fingerprint"]
+    tokenizer = load_tokenizer(tiny_data["tokenizer"])
+    assert manifest["options"] == {"block_size": BLOCK_SIZE, "pack_batch_size": BATCH, "bos": tokenizer.bos_token_id,
+                                   "eos": tokenizer.eos_token_id, "pad": tokenizer.pad_token_id}
+    assert manifest["outputs"]["block_size"] == BLOCK_SIZE
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_block_size_one_is_rejected(tiny_data, tmp_path):
+    with pytest.raises(UserError, match="block_size must be at least 2, got 1"):
+        pack_dataset(PackArguments(corpus_dir=str(tiny_data["corpus"]), tokenizer_dir=str(tiny_data["tokenizer"]),
+                                   output_dir=str(tmp_path / "packed"), block_size=1))
+    assert not (tmp_path / "packed").exists()
+
+
+@pytest.mark.parametrize("stage", ["corpus", "tokenizer"])
+def test_input_without_manifest_is_incomplete(tiny_data, tmp_path, stage):
+    half_done = tmp_path / f"half_done_{stage}"
+    half_done.mkdir()
+    dirs = {"corpus": str(tiny_data["corpus"]), "tokenizer": str(tiny_data["tokenizer"]), stage: str(half_done)}
+    with pytest.raises(UserError, match="incomplete") as err:
+        pack_dataset(PackArguments(corpus_dir=dirs["corpus"], tokenizer_dir=dirs["tokenizer"],
+                                   output_dir=str(tmp_path / "packed"), block_size=16))
+    assert str(half_done) in str(err.value)
+    assert not (tmp_path / "packed").exists()
