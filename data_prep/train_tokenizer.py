@@ -115,7 +115,7 @@ def train_sentencepiece(texts, vocab_size: int, model_type: str, workdir: Path):
     # byte-fallback span, and a template "\n" would share offsets with (and the loss mask of) the reply.
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split("\n", behavior="isolated"),
-        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True),
+        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=False),  # keep "▁▁▁▁" pieces
     ])
     tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
     tokenizer.add_special_tokens(SPECIAL_TOKENS)
