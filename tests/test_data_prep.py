@@ -326,3 +326,33 @@ def test_failure_while_writing_keeps_previous_output(tmp_path, monkeypatch):
         build_corpus(local_args(tmp_path, [good_input(tmp_path)], seed=7))
     assert (out / "manifest.json").read_text() == before
     assert leftovers(tmp_path, "corpus") == []
+
+
+# ----------------------------------------------------------------------------- Hub source
+def test_hub_source_streams_named_dataset_with_text_field(tmp_path, monkeypatch):
+    """The Hub is unreachable here, so `load_dataset` is replaced by a local streaming dataset;
+    what is checked is our side: streaming=True, the config/split passed on, text_field, max_docs."""
+    import datasets
+
+    rows = [{"content": f"document number {i} " * 5, "url": f"u{i}"} for i in range(50)]
+    calls = []
+
+    def fake_load_dataset(name, config, split, streaming):
+        calls.append((name, config, split, streaming))
+        return datasets.IterableDataset.from_generator(lambda: iter(rows))
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    manifest = build_corpus(CorpusArguments(source="hub", hub_dataset="HuggingFaceFW/fineweb-edu",
+                                            hub_config="sample-10BT", text_field="content", max_docs=30,
+                                            output_dir=str(tmp_path / "hub")))
+    assert calls == [("HuggingFaceFW/fineweb-edu", "sample-10BT", "train", True)]
+    assert manifest["outputs"]["train"]["documents"] + manifest["outputs"]["validation"]["documents"] == 30
+    assert manifest["inputs"] == {**manifest["inputs"], "source": "hub", "dataset": "HuggingFaceFW/fineweb-edu"}
+    corpus = load_from_disk(str(tmp_path / "hub"))
+    assert all(text.startswith("document number") for text in corpus["train"]["text"])
+
+
+def test_hub_source_without_network_is_one_line_error(tmp_path):
+    with pytest.raises(UserError, match="could not open Hub dataset no-such/dataset"):
+        build_corpus(CorpusArguments(source="hub", hub_dataset="no-such/dataset", output_dir=str(tmp_path / "x")))
+    assert not (tmp_path / "x").exists()
