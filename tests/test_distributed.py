@@ -24,16 +24,23 @@ def accelerate_launch(config: str, script: str, argv: list[str], port: int) -> s
     return subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=900)
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_deepspeed_zero_on_two_cpu_processes(stage, tiny_data, tmp_path):
-    out = tmp_path / f"zero{stage}"
-    result = accelerate_launch(f"accelerate_configs/deepspeed_zero{stage}.yaml", "recipes/pretrain/pretrain.py",
+LAUNCHES = [  # accelerate config, what the recipe must report, whether zero.Init partitioned the model
+    ("deepspeed_zero2", "DEEPSPEED ZeRO-2", False),
+    ("deepspeed_zero3", "DEEPSPEED ZeRO-3", True),
+    ("cpu_2proc", "MULTI_CPU", False),
+]
+
+
+@pytest.mark.parametrize("config,mode,partitioned", LAUNCHES, ids=[c for c, _, _ in LAUNCHES])
+def test_two_cpu_processes(config, mode, partitioned, tiny_data, tmp_path):
+    out = tmp_path / config
+    result = accelerate_launch(f"accelerate_configs/{config}.yaml", "recipes/pretrain/pretrain.py",
                                pretrain_argv(tiny_data, out, "--max_steps", "3", "--logging_steps", "1",
                                              "--save_steps", "100", "--per_device_train_batch_size", "2"),
-                               port=29600 + stage)
+                               port=29600 + LAUNCHES.index((config, mode, partitioned)))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     log = result.stdout + result.stderr
-    assert f"[pretrain] DEEPSPEED ZeRO-{stage} on 2 process(es); parameters partitioned at init: {stage == 3}" in log
+    assert f"[pretrain] {mode} on 2 process(es); parameters partitioned at init: {partitioned}" in log
 
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 3 and metrics["eval_loss"] == metrics["eval_loss"]  # finite, not NaN
