@@ -11,18 +11,23 @@ from data_prep.artifacts import MANIFEST_NAME, UserError
 
 
 def with_cpu_process_group(argv: list[str] | None) -> list[str]:
-    """Add `--ddp_backend gloo` for multi-process runs on machines without CUDA.
+    """Make multi-process runs on machines without CUDA join one gloo process group.
 
-    Under `accelerate launch` with DeepSpeed on CPU, accelerate's PartialState finds no default
-    backend and falls back to a single process although DeepSpeed already joined all ranks
-    (DeepSpeed then sees world size 2 and the batch-size check fails). Naming gloo fixes it.
+    accelerate's PartialState only picks a CPU backend when told the run is on CPU. Under
+    `accelerate launch` with DeepSpeed it would otherwise fall back to one process although
+    DeepSpeed already joined all ranks (and DeepSpeed's batch-size check fails); under torchrun
+    DDP it would run every rank alone, without gradient all-reduce. So: `--ddp_backend gloo`
+    always, and `--use_cpu true` for DDP (DeepSpeed must not be told it runs on CPU).
     """
     import torch
 
     argv = list(sys.argv[1:] if argv is None else argv)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if distributed and not torch.cuda.is_available() and "--ddp_backend" not in argv:
-        argv += ["--ddp_backend", "gloo"]
+    if distributed and not torch.cuda.is_available():
+        if "--ddp_backend" not in argv:
+            argv += ["--ddp_backend", "gloo"]
+        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true" and "--use_cpu" not in argv:
+            argv += ["--use_cpu", "true"]
     return argv
 
 
