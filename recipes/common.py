@@ -1,13 +1,15 @@
-"""Small helpers shared by the recipes: resume paths, the final-output hand-off and model cards."""
+"""Small helpers shared by the recipes: loading stage outputs, resume paths, the final-output hand-off
+and model cards."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
 from pathlib import Path
 
-from data_prep.artifacts import MANIFEST_NAME, UserError
+from data_prep.artifacts import MANIFEST_NAME, UserError, read_manifest
 
 
 def with_cpu_process_group(argv: list[str] | None) -> list[str]:
@@ -75,3 +77,82 @@ def model_card(title: str, summary: str, sections: dict[str, dict | str], tags: 
         else:
             lines += [body, ""]
     return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def no_zero3_init():
+    """Load a model whole on one process although ZeRO-3 is configured (for evaluation after training).
+
+    transformers partitions every model built while a ZeRO-3 config is registered, which is a collective
+    call; a single rank loading a copy to evaluate would wait forever for the others.
+    """
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
+def load_chat_dataset(path: str):
+    """A finished data_prep output (manifest present) as (manifest, DatasetDict)."""
+    from datasets import load_from_disk
+
+    manifest = read_manifest(path, "dataset")
+    return manifest, load_from_disk(path)
+
+
+def load_pretrained(path: str, auto_class, trust_remote_code: bool = False, **kwargs):
+    """(model, tokenizer, parent manifest) from a stage output, a PEFT adapter directory or a Hub id.
+
+    Weights load from safetensors only. An adapter directory loads its base model first, then the
+    adapter (our bottleneck adapters included). Missing pieces give one line naming the directory.
+    """
+    import json
+
+    from transformers import AutoTokenizer
+
+    import recipes.bottleneck_adapter  # noqa: F401  registers the BOTTLENECK PEFT type for from_pretrained
+
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    local = Path(path)
+    adapter_config = local / "adapter_config.json"
+    if local.is_dir() and adapter_config.is_file():
+        from peft import PeftModel
+
+        base_path = json.loads(adapter_config.read_text()).get("base_model_name_or_path")
+        if not base_path or (_looks_local(base_path) and not (Path(base_path) / "config.json").is_file()):
+            raise UserError(f"adapter {path}: its base model {base_path!r} is missing")
+        base, tokenizer, _ = load_pretrained(base_path, auto_class, trust_remote_code, **kwargs)
+        model = PeftModel.from_pretrained(base, str(local))
+        if (local / "tokenizer_config.json").is_file():
+            tokenizer = AutoTokenizer.from_pretrained(str(local), trust_remote_code=trust_remote_code)
+        return model, tokenizer, _read_parent(local)
+    if local.is_dir() and not (local / "config.json").is_file():
+        raise UserError(f"{path}: not a model checkpoint (no config.json)")
+    if not local.is_dir() and _looks_local(path):
+        raise UserError(f"model directory not found: {path}")
+    try:
+        model = auto_class.from_pretrained(path, use_safetensors=True, trust_remote_code=trust_remote_code, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise UserError(f"{path}: {str(err).splitlines()[0]}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer, _read_parent(local)
+
+
+def _looks_local(path: str) -> bool:
+    """Hub ids are `name` or `org/name`; anything else, or a path under outputs/, is a local directory."""
+    return path.startswith((".", "/", "~")) or path.count("/") > 1 or Path(path).parts[0] == "outputs"
+
+
+def _read_parent(directory: Path) -> dict:
+    try:
+        return read_manifest(directory)
+    except UserError:
+        return {}

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The embedded-default chain on a CPU, from a fresh clone: install, build the corpus from the
-# Python standard library, train the tokenizer, pack, pretrain the tiny model, summarise.
+# Python standard library, train the tokenizer, pack, pretrain the tiny model, fine-tune it on
+# generated chat tasks (SFT), train a reward model from it, summarise.
 #
 #   bash recipes/speedrun_cpu.sh            # everything lands in outputs/
 #
@@ -13,15 +14,26 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false HF_DA
 installed=$(date +%s)
 
 step() { echo; echo "=== $1"; }
-step "1/4 corpus (embedded default: Python standard library)"
+step "1/8 corpus (embedded default: Python standard library)"
 python -m data_prep.build_corpus --output_dir outputs/corpus
-step "2/4 tokenizer (byte-level BPE)"
+step "2/8 tokenizer (byte-level BPE)"
 python -m data_prep.train_tokenizer --corpus_dir outputs/corpus --output_dir outputs/tokenizer
-step "3/4 tokenize and pack"
+step "3/8 tokenize and pack"
 python -m data_prep.pack_dataset --corpus_dir outputs/corpus --tokenizer_dir outputs/tokenizer --output_dir outputs/packed
-step "4/4 pretrain the tiny preset"
+step "4/8 pretrain the tiny preset"
 accelerate launch --config_file accelerate_configs/cpu.yaml recipes/pretrain/pretrain.py \
     --config recipes/pretrain/tiny.yaml --disable_tqdm true
+
+step "5/8 SFT data (generated chat tasks)"
+python -m data_prep.build_sft_data --output_dir outputs/sft_data
+step "6/8 SFT (full fine-tuning, loss on assistant turns)"
+accelerate launch --config_file accelerate_configs/cpu.yaml recipes/sft/sft.py \
+    --config recipes/sft/tiny.yaml --disable_tqdm true
+step "7/8 preference pairs"
+python -m data_prep.build_preference_data --sft_data_dir outputs/sft_data --output_dir outputs/preference_data
+step "8/8 reward model"
+accelerate launch --config_file accelerate_configs/cpu.yaml recipes/reward/reward.py \
+    --config recipes/reward/tiny.yaml --disable_tqdm true
 
 step "summary"
 python -m recipes.summary outputs

@@ -24,12 +24,23 @@ KEY_FIGURES = {
                            f"({o['eval_loss_ratio']:.0%} of init), perplexity {o['eval_perplexity']:.1f}, "
                            f"{o['steps']} steps, {o['tokens_per_second']:.0f} tokens/s, MFU {o['mfu']:.2f}"
                            if o.get("init_eval_loss") else f"validation loss {o['eval_loss']:.3f}, {o['steps']} steps"),
+    "sft_data": lambda o: ", ".join(f"{split} {o[split]['rows']}" for split in o if isinstance(o[split], dict)
+                                    and "rows" in o[split]) + " conversations",
+    "preference_data": lambda o: f"{o['train']['pairs']} train / {o['test']['pairs']} test pairs",
+    "sft": lambda o: (f"held-out exact match {o['exact_match_before']:.1%} -> {o['exact_match_after']:.1%}, "
+                      if "exact_match_after" in o else "") + (
+                      f"{o['trainable_params']:,} of {o['total_params']:,} parameters trained, {o['steps']} steps, "
+                      f"{o.get('wall_time_s', 0):.0f} s"),
+    "reward": lambda o: (f"held-out pairwise accuracy {o['pairwise_before_accuracy']:.1%} -> "
+                         f"{o['pairwise_after_accuracy']:.1%}, " if "pairwise_after_accuracy" in o else "") + (
+                         f"{o['steps']} steps, {o.get('wall_time_s', 0):.0f} s"),
 }
 
 
 def summarize(root: str | Path) -> list[tuple[str, str, str]]:
     rows = []
-    for directory in sorted(p for p in Path(root).iterdir() if p.is_dir() and not p.name.startswith(".")):
+    for directory in sorted(p for p in Path(root).iterdir()
+                            if p.is_dir() and not p.name.startswith(".") and p.name != "notebooks"):
         manifest_path = directory / MANIFEST_NAME
         if not manifest_path.is_file():
             rows.append(("?", str(directory), "unfinished (no manifest.json)"))
@@ -48,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = summarize(root)
     width = max(len(r[1]) for r in rows) if rows else 0
     for stage, directory, figures in rows:
-        print(f"{stage:<10} {directory:<{width}}  {figures}")
+        print(f"{stage:<15} {directory:<{width}}  {figures}")
 
 
 if __name__ == "__main__":

@@ -48,3 +48,29 @@ def pretrain_argv(tiny_data: dict[str, Path], output_dir: Path, *extra: str) -> 
         "--output_dir", str(output_dir), "--max_eval_samples", "16", "--disable_tqdm", "true",
         *TINY_MODEL_OVERRIDES, *extra,
     ]
+
+
+@pytest.fixture(scope="session")
+def tiny_pretrained(tiny_data, tmp_path_factory) -> Path:
+    """The pretraining recipe's output after 2 steps: a real stage-output directory to fine-tune."""
+    from recipes.pretrain import pretrain
+
+    out = tmp_path_factory.mktemp("tiny_pretrained") / "pretrain"
+    argv = pretrain_argv(tiny_data, out, "--max_steps", "2", "--eval_on_start", "false", "--save_steps", "100",
+                         "--logging_steps", "1", "--max_position_embeddings", "256")
+    pretrain.main(*pretrain.parse_args(argv))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_data(tmp_path_factory) -> dict[str, Path]:
+    """Small SFT and preference datasets from the embedded task generators."""
+    from data_prep import build_preference_data, build_sft_data
+
+    root = tmp_path_factory.mktemp("chat_data")
+    paths = {"sft": root / "sft", "preference": root / "preference"}
+    build_sft_data.main(["--output_dir", str(paths["sft"]), "--train_size", "120", "--test_size", "24",
+                         "--preference_size", "60", "--rl_size", "24", "--max_docstring_functions", "12"])
+    build_preference_data.main(["--sft_data_dir", str(paths["sft"]), "--output_dir", str(paths["preference"]),
+                                "--margin", "rank"])
+    return paths

@@ -70,6 +70,34 @@ def test_key_from_another_model_family_is_refused():
         pretrain.build_config(arch_args, FakeTokenizer())
 
 
+SFT_YAMLS = sorted((REPO_ROOT / "recipes/sft").glob("*.yaml"))
+REWARD_YAMLS = sorted((REPO_ROOT / "recipes/reward").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SFT_YAMLS + REWARD_YAMLS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_post_training_yaml_parses_and_builds_its_peft_config(path):
+    from recipes.peft_methods import build_peft_config
+    from recipes.reward import reward
+    from recipes.sft import sft
+
+    module = sft if path.parent.name == "sft" else reward
+    argv = ["--config", str(path), "--bf16", "false"]
+    if "load_in_4bit" in path.read_text():
+        argv += ["--load_in_4bit", "false"]  # bitsandbytes config needs CUDA; the PEFT part is checked
+    script_args, training_args, model_args, peft_args = module.parse_args(argv)
+    assert training_args.report_to in ([], "none", ["none"]) and not training_args.push_to_hub
+    assert Path(training_args.output_dir).parts[0] == "outputs"
+    assert training_args.lr_scheduler_type == "cosine" and training_args.max_grad_norm > 0
+    if module is sft:
+        assert training_args.assistant_only_loss, "SFT trains on assistant turns only"
+        template = training_args.chat_template_path
+        assert template is None or (REPO_ROOT / template).is_file()
+    peft_config = build_peft_config(model_args, peft_args)
+    assert (peft_config is None) == (not model_args.use_peft)
+    if module is reward and peft_config is not None:
+        assert peft_config.task_type == "SEQ_CLS"
+
+
 HYPERPARAMETER_KEYS = {"learning_rate", "gradient_accumulation_steps", "gradient_clipping", "train_batch_size",
                        "train_micro_batch_size_per_gpu", "max_steps", "bf16", "fp16", "optimizer", "scheduler"}
 
@@ -100,7 +128,7 @@ def test_expected_accelerate_configs_exist():
 
 
 def _readme_commands():
-    for readme in [REPO_ROOT / "README.md", *REPO_ROOT.glob("recipes/*/README.md")]:
+    for readme in [REPO_ROOT / "README.md", REPO_ROOT / "data_prep/README.md", *REPO_ROOT.glob("recipes/*/README.md")]:
         for block in re.findall(r"```bash\n(.*?)```", readme.read_text(), flags=re.S):
             for line in block.replace("\\\n", " ").splitlines():
                 line = line.split("#", 1)[0].strip()

@@ -1,4 +1,4 @@
-"""Real `accelerate launch` runs of the pretraining recipe on 2 CPU processes under DeepSpeed."""
+"""Real `accelerate launch` runs of the recipes on 2 CPU processes under DeepSpeed and DDP."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from conftest import REPO_ROOT, pretrain_argv
 
@@ -61,3 +61,29 @@ def test_two_cpu_processes(config, mode, partitioned, port, tiny_data, tmp_path)
     assert not info["missing_keys"] and not info["mismatched_keys"]
     assert all(p.abs().sum() > 0 for p in model.parameters())
     assert metrics["params"] == sum(p.numel() for p in model.parameters())
+
+
+def test_sft_then_reward_under_zero3_on_two_cpu_processes(tiny_pretrained, tiny_chat_data, tmp_path):
+    """Full SFT, then a reward model from it, each a real 2-process DeepSpeed ZeRO-3 launch."""
+    from test_reward import reward_argv
+    from test_sft import sft_argv
+
+    sft_out, rm_out = tmp_path / "sft", tmp_path / "rm"
+    result = accelerate_launch("accelerate_configs/deepspeed_zero3.yaml", "recipes/sft/sft.py",
+                               sft_argv(tiny_pretrained, tiny_chat_data["sft"], sft_out, "tiny.yaml",
+                                        "--per_device_train_batch_size", "2"), port=29605)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert "parameters trainable" in result.stdout
+    sft_metrics = json.loads((sft_out / "metrics.json").read_text())
+    assert sft_metrics["steps"] == 3 and sft_metrics["total_params"] == sum(
+        p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_pretrained).parameters())
+    assert "exact_match_after" in sft_metrics  # rank 0 reloaded the gathered model and generated with it
+
+    result = accelerate_launch("accelerate_configs/deepspeed_zero3.yaml", "recipes/reward/reward.py",
+                               reward_argv(sft_out, tiny_chat_data["preference"], rm_out,
+                                           "tiny.yaml", "--per_device_train_batch_size", "2"), port=29606)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    rm_metrics = json.loads((rm_out / "metrics.json").read_text())
+    assert rm_metrics["steps"] == 4 and rm_metrics["pairwise_after"]["n"] > 0
+    model, info = AutoModelForSequenceClassification.from_pretrained(rm_out, output_loading_info=True)
+    assert not info["missing_keys"] and model.score.weight.abs().sum() > 0

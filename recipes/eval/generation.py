@@ -1,0 +1,74 @@
+"""Batched chat generation and exact-match scoring, shared by the SFT, RL and eval recipes.
+
+Prompts are rendered with the tokenizer's chat template (generation prompt added), sorted by
+length, left-padded and decoded greedily with the KV cache under `torch.inference_mode`.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """End-of-turn and end-of-text ids: chat replies end at `<|end|>`; a base model may emit eos."""
+    ids = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|end|>"),
+           tokenizer.convert_tokens_to_ids("<|end_of_text|>")]
+    return sorted({i for i in ids if i is not None and i != tokenizer.unk_token_id})
+
+
+def generate_replies(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 32,
+                     batch_size: int = 64, **generate_kwargs) -> list[str]:
+    """One assistant reply per conversation (its messages so far), in input order."""
+    import torch
+
+    prompts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    replies: list[str] = [""] * len(prompts)
+    padding_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    generate_kwargs = {"do_sample": False, **generate_kwargs}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(order), batch_size):
+                batch = order[start:start + batch_size]
+                enc = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True,
+                                add_special_tokens=False).to(model.device)
+                out = model.generate(**enc, max_new_tokens=max_new_tokens, eos_token_id=stop_token_ids(tokenizer),
+                                     pad_token_id=tokenizer.pad_token_id, **generate_kwargs)
+                texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+                for i, text in zip(batch, texts):
+                    replies[i] = text.strip()
+    finally:
+        tokenizer.padding_side = padding_side
+        model.train(was_training)
+    return replies
+
+
+def exact_match_report(rows: list[dict], predictions: list[str], n_samples: int = 8) -> dict:
+    """Accuracy overall and per task family, with a few samples; rows carry `task` and `answer`."""
+    from data_prep.chat_tasks import check_answer
+
+    if len(rows) != len(predictions):
+        raise ValueError(f"{len(predictions)} predictions for {len(rows)} references")
+    hits: dict[str, list[bool]] = defaultdict(list)
+    samples = []
+    for row, prediction in zip(rows, predictions):
+        ok = check_answer(row["task"], prediction, row["answer"])
+        hits[row["task"]].append(ok)
+        if len(samples) < n_samples:
+            samples.append({"prompt": row["messages"][-2]["content"], "answer": row["answer"],
+                            "prediction": prediction, "correct": ok})
+    every = [ok for oks in hits.values() for ok in oks]
+    return {"exact_match": sum(every) / max(len(every), 1), "n": len(every),
+            "by_task": {task: round(sum(oks) / len(oks), 4) for task, oks in sorted(hits.items())},
+            "samples": samples}
+
+
+def evaluate_exact_match(model, tokenizer, dataset, max_new_tokens: int = 32, batch_size: int = 64,
+                         max_samples: int | None = None) -> dict:
+    """Greedy replies to every held-out conversation (all turns but the last), scored by exact match."""
+    rows = list(dataset) if max_samples is None else [dataset[i] for i in range(min(max_samples, len(dataset)))]
+    predictions = generate_replies(model, tokenizer, [r["messages"][:-1] for r in rows], max_new_tokens, batch_size)
+    return exact_match_report(rows, predictions)

@@ -1,0 +1,166 @@
+"""Train a reward model with TRL's RewardTrainer: pairwise (Bradley-Terry) loss on preference pairs.
+
+    # the tiny SFT model as a reward model, on the embedded preference pairs, CPU
+    accelerate launch --config_file accelerate_configs/cpu.yaml recipes/reward/reward.py --config recipes/reward/tiny.yaml
+
+    # with LoRA (task_type SEQ_CLS; the score head is trained in full)
+    accelerate launch --config_file accelerate_configs/cpu.yaml recipes/reward/reward.py \
+        --config recipes/reward/tiny_lora.yaml
+
+    # SmolLM2-360M-Instruct on UltraFeedback, 8 GPUs, DeepSpeed ZeRO-3 (data first: see recipes/reward/README.md)
+    accelerate launch --config_file accelerate_configs/deepspeed_zero3.yaml recipes/reward/reward.py \
+        --config recipes/reward/smollm2_360m_ultrafeedback.yaml
+
+Input: the SFT output (or a Hub model), loaded as `AutoModelForSequenceClassification(num_labels=1)`
+with a fresh scalar head, and (prompt, chosen, rejected[, margin]) rows from
+`data_prep.build_preference_data`. Loss: -log sigmoid(r_chosen - r_rejected - margin). Output: the
+model or adapter, tokenizer, `metrics.json` with held-out pairwise accuracy before and after,
+a model card and `manifest.json`, written last.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from trl import ModelConfig, RewardConfig
+
+from data_prep.artifacts import UserError, build_manifest, parse_config, run_cli, write_manifest
+from recipes.common import (load_chat_dataset, load_pretrained, mark_incomplete, model_card, no_zero3_init, publish,
+                            resolve_resume, with_cpu_process_group)
+from recipes.peft_methods import PeftMethodArguments, build_peft_config, quantization_config, trainable_parameters
+
+
+@dataclass
+class ScriptArguments:
+    dataset_path: str = field(default="outputs/preference_data",
+                              metadata={"help": "Output of data_prep.build_preference_data."})
+    dataset_train_split: str = field(default="train")
+    dataset_test_split: str = field(default="test")
+    eval_pairwise_accuracy: bool = field(default=True, metadata={"help": "Score the test pairs before and after."})
+
+
+def main(script_args, training_args, model_args, peft_args, callbacks=None) -> dict:
+    import torch
+    from transformers import AutoModelForSequenceClassification, set_seed
+    from trl import RewardTrainer
+
+    from data_prep.chat_tasks import validate_preferences
+
+    started = time.time()
+    # ------------------------------------------------------------------ data
+    data_manifest, dataset = load_chat_dataset(script_args.dataset_path)
+    for split in (script_args.dataset_train_split, script_args.dataset_test_split):
+        if split not in dataset:
+            raise UserError(f"{script_args.dataset_path}: no split '{split}' (has {', '.join(dataset)})")
+        validate_preferences(dataset[split], f"{script_args.dataset_path}[{split}]")
+    train_dataset, test_dataset = dataset[script_args.dataset_train_split], dataset[script_args.dataset_test_split]
+
+    # ------------------------------------------------------------------ model
+    # A scalar head on the SFT model; loaded after the training arguments so that ZeRO-3 partitions it.
+    set_seed(training_args.seed)
+    model_path = model_args.model_name_or_path
+    model, tokenizer, parent = load_pretrained(
+        model_path, AutoModelForSequenceClassification, trust_remote_code=training_args.trust_remote_code,
+        num_labels=1, dtype=getattr(torch, model_args.dtype) if model_args.dtype not in (None, "auto") else "auto",
+        quantization_config=quantization_config(model_args))
+    peft_config = build_peft_config(model_args, peft_args, model)
+
+    # ------------------------------------------------------------------ trainer
+    trainer = RewardTrainer(model=model, args=training_args, train_dataset=train_dataset,
+                            eval_dataset=test_dataset if training_args.eval_strategy != "no" else None,
+                            processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
+    if trainer.is_world_process_zero():
+        mark_incomplete(training_args.output_dir)
+    trainable, total = trainable_parameters(trainer.model)
+    _log(trainer, f"{type(trainer.model).__name__}: {trainable:,} of {total:,} parameters trainable "
+                  f"({100 * trainable / total:.2f}%); margin column: {'margin' in train_dataset.column_names}")
+
+    # ------------------------------------------------------------------ train
+    resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
+    train_result = trainer.train(resume_from_checkpoint=resume)
+
+    # ------------------------------------------------------------------ save
+    staging = Path(training_args.output_dir) / ".final-tmp"
+    trainer.save_model(str(staging))  # every rank joins: ZeRO-3 gathers the full weights here
+    metrics = {"train_loss": train_result.training_loss, "steps": trainer.state.global_step,
+               "trainable_params": trainable, "total_params": total,
+               "train_runtime_s": train_result.metrics.get("train_runtime")}
+    if trainer.is_world_process_zero():
+        trainer.processing_class.save_pretrained(str(staging))
+
+        # -------------------------------------------------------------- eval
+        # The untrained head (same seed) against the saved reward model, both reloaded on one process.
+        if script_args.eval_pairwise_accuracy:
+            set_seed(training_args.seed)
+            metrics["pairwise_before"] = _pairwise(model_path, test_dataset, training_args)
+            metrics["pairwise_after"] = _pairwise(str(staging), test_dataset, training_args)
+            _log(trainer, f"held-out pairwise accuracy: {metrics['pairwise_before']['accuracy']:.3f} before, "
+                          f"{metrics['pairwise_after']['accuracy']:.3f} after "
+                          f"(mean margin {metrics['pairwise_after']['mean_margin']:.2f}, "
+                          f"{metrics['pairwise_after']['n']} pairs)")
+        metrics["wall_time_s"] = round(time.time() - started, 1)
+        (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        inputs = {"model": model_path, "model_fingerprint": parent.get("fingerprint"),
+                  "dataset_path": script_args.dataset_path, "dataset_fingerprint": data_manifest["fingerprint"],
+                  "resumed_from": resume}
+        options = {"peft": peft_config.to_dict() if peft_config else None, "peft_method": asdict(peft_args),
+                   "training": _training_summary(training_args)}
+        (staging / "README.md").write_text(_card(inputs, options, metrics))
+        write_manifest(staging, build_manifest("reward", inputs, options, _headline(metrics)))
+        publish(staging, training_args.output_dir)
+    trainer.accelerator.wait_for_everyone()
+    return metrics
+
+
+def _pairwise(path, test_dataset, training_args) -> dict:
+    from transformers import AutoModelForSequenceClassification
+
+    from recipes.eval.reward_scores import pairwise_accuracy
+
+    with no_zero3_init():
+        model, tokenizer, _ = load_pretrained(path, AutoModelForSequenceClassification, num_labels=1,
+                                              trust_remote_code=training_args.trust_remote_code)
+        return pairwise_accuracy(model, tokenizer, test_dataset)
+
+
+def _log(trainer, message: str) -> None:
+    if trainer.is_world_process_zero():
+        print(f"[reward] {message}", flush=True)
+
+
+def _headline(metrics: dict) -> dict:
+    out = {k: v for k, v in metrics.items() if not isinstance(v, dict)}
+    for key in ("pairwise_before", "pairwise_after"):
+        if key in metrics:
+            out[f"{key}_accuracy"] = metrics[key]["accuracy"]
+    return out
+
+
+def _training_summary(args) -> dict:
+    keys = ("num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
+            "learning_rate", "lr_scheduler_type", "warmup_steps", "max_length", "center_rewards_coefficient",
+            "bf16", "seed", "world_size")
+    return {k: getattr(args, k) for k in keys}
+
+
+def _card(inputs: dict, options: dict, metrics: dict) -> str:
+    shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in _headline(metrics).items()}
+    return model_card(
+        title="Reward model",
+        summary="A scalar reward model trained on preference pairs with TRL's RewardTrainer (Bradley-Terry loss) "
+                "by this repository's reward recipe.",
+        sections={"Lineage": inputs, "Training": options["training"], "PEFT": options["peft"] or "full fine-tuning",
+                  "Metrics": shown},
+        tags=["reward-model", "trl", "rlhf"],
+    )
+
+
+def parse_args(argv: list[str] | None = None):
+    return parse_config([ScriptArguments, RewardConfig, ModelConfig, PeftMethodArguments], with_cpu_process_group(argv))
+
+
+if __name__ == "__main__":
+    run_cli(lambda: main(*parse_args()))

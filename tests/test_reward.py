@@ -1,0 +1,149 @@
+"""The reward recipe: pairwise training from the SFT model, held-out accuracy, LoRA SEQ_CLS, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from conftest import REPO_ROOT
+from data_prep.artifacts import UserError
+from recipes.eval.reward_scores import pairwise_accuracy, score_conversations
+from recipes.reward import reward
+
+
+def reward_argv(model_dir, preference_data, output_dir, config="tiny.yaml", *extra):
+    return ["--config", str(REPO_ROOT / "recipes/reward" / config), "--model_name_or_path", str(model_dir),
+            "--dataset_path", str(preference_data), "--output_dir", str(output_dir), "--max_steps", "4",
+            "--per_device_train_batch_size", "4", "--logging_steps", "1", "--disable_tqdm", "true", *extra]
+
+
+def run_reward(argv):
+    return reward.main(*reward.parse_args(argv))
+
+
+def test_reward_model_trains_scores_pairs_and_reloads(tiny_pretrained, tiny_chat_data, tmp_path):
+    from datasets import load_from_disk
+
+    out = tmp_path / "rm"
+    metrics = run_reward(reward_argv(tiny_pretrained, tiny_chat_data["preference"], out))
+    assert math.isfinite(metrics["train_loss"]) and metrics["steps"] == 4
+    test_pairs = load_from_disk(str(tiny_chat_data["preference"]))["test"]
+    assert metrics["pairwise_after"]["n"] == len(test_pairs) > 0
+    assert "margin" in test_pairs.column_names  # the fixture asks for rank margins; RewardTrainer uses them
+
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert model.config.num_labels == 1 and (out / "model.safetensors").is_file()
+    again = pairwise_accuracy(model, tokenizer, test_pairs)
+    assert again["accuracy"] == pytest.approx(metrics["pairwise_after"]["accuracy"])
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stage"] == "reward" and manifest["inputs"]["model"] == str(tiny_pretrained)
+
+
+def test_scores_do_not_depend_on_batching_or_padding(tiny_pretrained):
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_pretrained, num_labels=1)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_pretrained)
+    conversations = [[{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "5"}],
+                     [{"role": "system", "content": "Answer briefly."},
+                      {"role": "user", "content": "Sort these numbers: 3 1 2 9"},
+                      {"role": "assistant", "content": "1 2 3 9"}]]
+    together = score_conversations(model, tokenizer, conversations, batch_size=2)
+    alone = [score_conversations(model, tokenizer, [c], batch_size=1)[0] for c in conversations]
+    assert together == pytest.approx(alone, abs=1e-5)
+
+
+def test_lora_reward_model_reloads_with_identical_scores(tiny_pretrained, tiny_chat_data, tmp_path):
+    from peft import PeftModel
+
+    out = tmp_path / "rm_lora"
+    metrics = run_reward(reward_argv(tiny_pretrained, tiny_chat_data["preference"], out, "tiny_lora.yaml",
+                                     "--learning_rate", "0.05"))
+    assert metrics["trainable_params"] < metrics["total_params"]
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS" and "score" in (config["modules_to_save"] or [])
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_pretrained, num_labels=1)
+    model = PeftModel.from_pretrained(base, out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    from datasets import load_from_disk
+
+    test_pairs = load_from_disk(str(tiny_chat_data["preference"]))["test"]
+    again = pairwise_accuracy(model, tokenizer, test_pairs)
+    assert again["accuracy"] == pytest.approx(metrics["pairwise_after"]["accuracy"])
+    assert again["mean_margin"] == pytest.approx(metrics["pairwise_after"]["mean_margin"], abs=1e-5)
+
+
+def test_bad_preference_rows_stop_with_one_line(tiny_pretrained, tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    from data_prep.artifacts import build_manifest, write_manifest
+
+    prompt = [{"role": "user", "content": "What is 2 + 3?"}]
+    good = {"prompt": prompt, "chosen": [{"role": "assistant", "content": "5"}],
+            "rejected": [{"role": "assistant", "content": "6"}]}
+    same = {**good, "rejected": good["chosen"]}
+    for name, rows, needle in (("same", [good, same], "row 1"), ("columns", [{"prompt": prompt, "chosen": "5"}],
+                                                                 "rejected")):
+        path = tmp_path / name
+        DatasetDict({"train": Dataset.from_list(rows), "test": Dataset.from_list(rows)}).save_to_disk(str(path))
+        write_manifest(path, build_manifest("preference_data", {}, {}, {}))
+        with pytest.raises(UserError) as err:
+            run_reward(reward_argv(tiny_pretrained, path, tmp_path / f"out_{name}"))
+        assert "\n" not in str(err.value) and str(path) in str(err.value) and needle in str(err.value)
+        assert not (tmp_path / f"out_{name}" / "manifest.json").exists()
+
+
+def test_missing_model_directory_is_one_line(tiny_chat_data, tmp_path):
+    with pytest.raises(UserError, match="model directory not found: outputs/no_such_sft"):
+        run_reward(reward_argv("outputs/no_such_sft", tiny_chat_data["preference"], tmp_path / "x"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no config.json"):
+        run_reward(reward_argv(tmp_path / "empty", tiny_chat_data["preference"], tmp_path / "y"))
+
+
+def test_adapter_whose_base_is_missing_is_one_line(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from recipes.common import load_pretrained
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA",
+                                                             "base_model_name_or_path": str(tmp_path / "gone")}))
+    with pytest.raises(UserError, match="base model .*gone.* is missing"):
+        load_pretrained(str(adapter), AutoModelForCausalLM)
+
+
+def test_pairwise_accuracy_counts_by_hand():
+    class Fixed(torch.nn.Module):
+        """Scores a conversation by its last assistant message's length: a reward model we can reason about."""
+
+        training = False
+
+        def __init__(self, tokenizer):
+            super().__init__()
+            self.tokenizer = tokenizer
+            self.device = torch.device("cpu")
+
+        def forward(self, input_ids, attention_mask):
+            return type("Out", (), {"logits": attention_mask.sum(dim=1, keepdim=True).float()})()
+
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    backend = Tokenizer(models.WordLevel({"[PAD]": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]")
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    prompt = [{"role": "user", "content": "q"}]
+    rows = [{"prompt": prompt, "chosen": [{"role": "assistant", "content": "a b c"}],
+             "rejected": [{"role": "assistant", "content": "a"}]},
+            {"prompt": prompt, "chosen": [{"role": "assistant", "content": "a"}],
+             "rejected": [{"role": "assistant", "content": "a b"}]},
+            {"prompt": prompt, "chosen": [{"role": "assistant", "content": "a b"}],
+             "rejected": [{"role": "assistant", "content": "a"}]}]
+    result = pairwise_accuracy(Fixed(tokenizer), tokenizer, rows)
+    assert result == {"accuracy": pytest.approx(2 / 3), "mean_margin": pytest.approx((2 - 1 + 1) / 3), "n": 3}

@@ -1,0 +1,244 @@
+"""The SFT recipe: assistant-only labels, full and PEFT runs, adapter reload, LoRA merge, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+from conftest import REPO_ROOT
+from data_prep.artifacts import UserError
+from recipes.sft import sft
+
+THREE_TURNS = [
+    {"role": "system", "content": "Answer briefly."},
+    {"role": "user", "content": "What is 2 + 3?"},
+    {"role": "assistant", "content": "5"},
+    {"role": "user", "content": "Sort these numbers: 3 1 2"},
+    {"role": "assistant", "content": "1 2 3"},
+    {"role": "user", "content": "Now reverse it."},
+    {"role": "assistant", "content": "3 2 1"},
+]
+
+
+def sft_argv(tiny_pretrained, chat_data, output_dir, config="tiny.yaml", *extra):
+    return ["--config", str(REPO_ROOT / "recipes/sft" / config), "--model_name_or_path", str(tiny_pretrained),
+            "--dataset_path", str(chat_data), "--output_dir", str(output_dir), "--max_steps", "3",
+            "--per_device_train_batch_size", "4", "--logging_steps", "1", "--eval_max_samples", "8",
+            "--eval_max_new_tokens", "8", "--disable_tqdm", "true", *extra]
+
+
+def expected_assistant_mask(tokenizer, messages) -> list[bool]:
+    """Which token ids must carry loss, worked out independently of TRL: render the conversation
+    turn by turn and mark the tokens of each assistant reply plus its `<|end|>`."""
+    ids: list[int] = []
+    mask: list[bool] = []
+    for i, message in enumerate(messages):
+        before = tokenizer.apply_chat_template(messages[:i], tokenize=False) if i else ""
+        if message["role"] == "assistant":
+            header = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+            reply = message["content"] + "<|end|>"
+            pieces = [(header[len(before):], False), (reply, True), ("\n", False)]
+        else:
+            after = tokenizer.apply_chat_template(messages[:i + 1], tokenize=False)
+            pieces = [(after[len(before):], False)]
+        for text, trained in pieces:
+            new = tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids += new
+            mask += [trained] * len(new)
+    return ids, mask
+
+
+def test_labels_are_masked_on_every_system_and_user_token_of_three_turns(tiny_pretrained, tmp_path):
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_pretrained)
+    model = AutoModelForCausalLM.from_pretrained(tiny_pretrained)
+    args = SFTConfig(output_dir=str(tmp_path), assistant_only_loss=True, eos_token="<|end|>", max_length=256,
+                     report_to="none", use_cpu=True)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list([{"messages": THREE_TURNS}]),
+                         processing_class=tokenizer)
+    batch = trainer.data_collator([trainer.train_dataset[0]])
+    input_ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
+
+    ids, mask = expected_assistant_mask(tokenizer, THREE_TURNS)
+    assert input_ids == ids  # the same rendering, token for token
+    for token, label, trained in zip(input_ids, labels, mask):
+        assert label == (token if trained else -100)
+    # every assistant reply is trained in all three turns, not only the last
+    trained_text = tokenizer.decode([t for t, m in zip(ids, mask) if m])
+    assert trained_text == "5<|end|>1 2 3<|end|>3 2 1<|end|>"
+    prompt_text = tokenizer.decode([t for t, m in zip(ids, mask) if not m])
+    for message in THREE_TURNS:
+        if message["role"] != "assistant":
+            assert message["content"] in prompt_text
+
+
+def run_sft(argv, callbacks=None):
+    return sft.main(*sft.parse_args(argv), callbacks=callbacks)
+
+
+def logits_of(model, tokenizer):
+    text = tokenizer.apply_chat_template(THREE_TURNS, tokenize=False)
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    with torch.inference_mode():
+        return model(**ids).logits
+
+
+class CaptureModel(TrainerCallback):
+    """Keeps the trained model (a PeftModel for adapters) for inspection after the run."""
+
+    model = None
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.model = model
+
+
+def test_full_sft_runs_and_saves_a_reloadable_chat_model(tiny_pretrained, tiny_chat_data, tmp_path):
+    out = tmp_path / "full"
+    metrics = run_sft(sft_argv(tiny_pretrained, tiny_chat_data["sft"], out))
+    assert math.isfinite(metrics["train_loss"]) and metrics["steps"] == 3
+    assert metrics["trainable_params"] == metrics["total_params"]
+    assert 0 <= metrics["exact_match_after"]["exact_match"] <= 1 and metrics["exact_match_after"]["n"] == 8
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stage"] == "sft" and manifest["inputs"]["model"] == str(tiny_pretrained)
+    assert manifest["inputs"]["model_fingerprint"] == json.loads((tiny_pretrained / "manifest.json").read_text())["fingerprint"]
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer.eos_token == "<|end|>"  # generation stops at the end of the assistant turn
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert (out / "model.safetensors").is_file()
+    assert torch.isfinite(logits_of(model, tokenizer)).all()
+
+
+@pytest.mark.parametrize("config", ["tiny_lora.yaml", "tiny_bottleneck.yaml"])
+def test_peft_trains_few_parameters_leaves_base_unchanged_and_reloads_identically(config, tiny_pretrained,
+                                                                                   tiny_chat_data, tmp_path):
+    from peft import PeftModel
+
+    import recipes.bottleneck_adapter  # noqa: F401  (registers BOTTLENECK for PeftModel.from_pretrained)
+
+    out = tmp_path / config
+    captured = CaptureModel()
+    metrics = run_sft(sft_argv(tiny_pretrained, tiny_chat_data["sft"], out, config, "--merge_adapter", "false",
+                               "--lora_r", "4", "--bottleneck_size", "4", "--learning_rate", "0.05"),
+                      callbacks=[captured])
+    assert metrics["trainable_params"] < metrics["total_params"]
+    assert (out / "adapter_model.safetensors").is_file() and not (out / "model.safetensors").exists()
+
+    # after training, the frozen base inside the trained model is what was pretrained, bit for bit
+    pretrained = AutoModelForCausalLM.from_pretrained(tiny_pretrained).state_dict()
+    compared = 0
+    for name, tensor in captured.model.get_base_model().state_dict().items():
+        key = name.replace("base_layer.", "")
+        if key in pretrained:
+            assert torch.equal(tensor, pretrained[key]), name
+            compared += 1
+    assert compared == len(pretrained)
+
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    adapted = captured.model.eval()
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_pretrained), out)
+    assert torch.equal(logits_of(adapted, tokenizer), logits_of(reloaded, tokenizer))
+    with adapted.disable_adapter():
+        assert not torch.equal(logits_of(adapted, tokenizer), logits_of(reloaded, tokenizer))
+
+
+def test_peft_share_of_trainable_parameters_on_the_tiny_preset():
+    """The issue's bound (< 5%) on the model users fine-tune: the tiny preset's shape, LoRA and adapters
+    exactly as tiny_lora.yaml / tiny_bottleneck.yaml configure them."""
+    from peft import get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from recipes.peft_methods import build_peft_config, trainable_parameters
+
+    config = LlamaConfig(vocab_size=4096, hidden_size=128, intermediate_size=384, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True)
+    for yaml_name in ("tiny_lora.yaml", "tiny_bottleneck.yaml"):
+        _, _, model_args, peft_args = sft.parse_args(["--config", str(REPO_ROOT / "recipes/sft" / yaml_name)])
+        model = get_peft_model(LlamaForCausalLM(config), build_peft_config(model_args, peft_args))
+        trainable, total = trainable_parameters(model)
+        assert trainable / total < 0.05, (yaml_name, trainable, total)
+
+
+def test_merged_lora_gives_the_adapter_models_logits(tiny_pretrained, tiny_chat_data, tmp_path):
+    from peft import PeftModel
+
+    out = tmp_path / "merged"
+    run_sft(sft_argv(tiny_pretrained, tiny_chat_data["sft"], out, "tiny_lora.yaml", "--merge_adapter", "true",
+                     "--learning_rate", "0.05", "--eval_exact_match", "false"))
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    merged = AutoModelForCausalLM.from_pretrained(out)  # a standalone model: no adapter files at the top level
+    assert not (out / "adapter_config.json").exists() and (out / "adapter" / "adapter_config.json").is_file()
+    adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_pretrained), out / "adapter")
+    base = AutoModelForCausalLM.from_pretrained(tiny_pretrained)
+    merged_logits, adapter_logits = logits_of(merged, tokenizer), logits_of(adapter, tokenizer)
+    assert (merged_logits - adapter_logits).abs().max() < 1e-5
+    assert (merged_logits - logits_of(base, tokenizer)).abs().max() > 1e-3  # the adapter did change the model
+
+
+def test_other_peft_methods_are_reachable_by_config(tiny_pretrained, tiny_chat_data, tmp_path):
+    for method in ("ia3", "prefix_tuning"):
+        extra = ["--lora_target_modules", "k_proj", "v_proj", "down_proj"] if method == "ia3" else []
+        metrics = run_sft(sft_argv(tiny_pretrained, tiny_chat_data["sft"], tmp_path / method, "tiny_lora.yaml",
+                                   "--peft_method", method, "--merge_adapter", "false", "--max_steps", "1",
+                                   "--eval_exact_match", "false", *extra))
+        assert 0 < metrics["trainable_params"] < metrics["total_params"]
+        config = json.loads((tmp_path / method / "adapter_config.json").read_text())
+        assert config["peft_type"] == {"ia3": "IA3", "prefix_tuning": "PREFIX_TUNING"}[method]
+
+
+def test_qlora_without_cuda_stops_with_one_line(tiny_pretrained, tiny_chat_data, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: QLoRA would run")
+    with pytest.raises(UserError, match="load_in_4bit.*CUDA"):
+        run_sft(sft_argv(tiny_pretrained, tiny_chat_data["sft"], tmp_path / "q", "tiny_lora.yaml",
+                         "--load_in_4bit", "true"))
+
+
+def write_rows(tmp_path, rows):
+    """A one-split chat dataset with a manifest, as data_prep writes it, holding `rows`."""
+    from datasets import Dataset, DatasetDict
+
+    from data_prep.artifacts import build_manifest, write_manifest
+
+    path = tmp_path / "bad_data"
+    DatasetDict({"train": Dataset.from_list(rows), "test": Dataset.from_list(rows)}).save_to_disk(str(path))
+    write_manifest(path, build_manifest("sft_data", {}, {}, {}))
+    return path
+
+
+GOOD = {"task": "arithmetic", "answer": "5", "safety_label": ""}
+
+
+@pytest.mark.parametrize("messages,needle", [
+    ([{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "5"}], "role"),
+    ([{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": " "}], "empty"),
+    ([{"role": "user", "content": "What is 2 + 3?"}], "assistant"),
+])
+def test_bad_conversations_stop_with_one_line_naming_row_and_field(messages, needle, tiny_pretrained, tmp_path):
+    path = write_rows(tmp_path, [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+                                  **GOOD}, {"messages": messages, **GOOD}])
+    with pytest.raises(UserError) as err:
+        run_sft(sft_argv(tiny_pretrained, path, tmp_path / "out"))
+    message = str(err.value)
+    assert "\n" not in message and str(path) in message and "row 1" in message and needle in message
+
+
+def test_missing_messages_column_and_bad_targets_and_missing_markers(tiny_pretrained, tiny_chat_data, tmp_path):
+    path = write_rows(tmp_path, [{"text": "no messages here"}])
+    with pytest.raises(UserError, match="messages"):
+        run_sft(sft_argv(tiny_pretrained, path, tmp_path / "a"))
+    with pytest.raises(UserError, match="lora_target_modules: c_attn not found"):
+        run_sft(sft_argv(tiny_pretrained, tiny_chat_data["sft"], tmp_path / "b", "tiny_lora.yaml",
+                         "--lora_target_modules", "q_proj", "c_attn"))
+    template = tmp_path / "plain.jinja"  # a chat template without {% generation %}
+    template.write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
+    with pytest.raises(UserError, match="generation"):
+        run_sft(sft_argv(tiny_pretrained, tiny_chat_data["sft"], tmp_path / "c", "tiny.yaml",
+                         "--chat_template_path", str(template)))
+    for out in ("a", "b", "c"):
+        assert not (tmp_path / out / "manifest.json").exists()
