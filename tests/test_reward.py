@@ -76,6 +76,19 @@ def test_lora_reward_model_reloads_with_identical_scores(tiny_pretrained, tiny_c
     assert again["mean_margin"] == pytest.approx(metrics["pairwise_after"]["mean_margin"], abs=1e-5)
 
 
+def test_ia3_reward_model_trains_and_prompt_learning_is_refused(tiny_pretrained, tiny_chat_data, tmp_path):
+    out = tmp_path / "rm_ia3"
+    metrics = run_reward(reward_argv(tiny_pretrained, tiny_chat_data["preference"], out, "tiny_lora.yaml",
+                                     "--peft_method", "ia3", "--lora_target_modules", "k_proj", "v_proj", "down_proj",
+                                     "--max_steps", "2"))
+    assert 0 < metrics["trainable_params"] < metrics["total_params"] and math.isfinite(metrics["train_loss"])
+    assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "IA3"
+    for method in ("prefix_tuning", "prompt_tuning"):
+        with pytest.raises(UserError, match=f"{method} does not work in the reward recipe"):
+            run_reward(reward_argv(tiny_pretrained, tiny_chat_data["preference"], tmp_path / method,
+                                   "tiny_lora.yaml", "--peft_method", method))
+
+
 def test_bad_preference_rows_stop_with_one_line(tiny_pretrained, tmp_path):
     from datasets import Dataset, DatasetDict
 

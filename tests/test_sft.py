@@ -181,14 +181,17 @@ def test_merged_lora_gives_the_adapter_models_logits(tiny_pretrained, tiny_chat_
 
 
 def test_other_peft_methods_are_reachable_by_config(tiny_pretrained, tiny_chat_data, tmp_path):
-    for method in ("ia3", "prefix_tuning"):
-        extra = ["--lora_target_modules", "k_proj", "v_proj", "down_proj"] if method == "ia3" else []
+    for method, peft_type, extra in (("ia3", "IA3", ["--lora_target_modules", "k_proj", "v_proj", "down_proj"]),
+                                     ("prompt_tuning", "PROMPT_TUNING", ["--num_virtual_tokens", "4"])):
         metrics = run_sft(sft_argv(tiny_pretrained, tiny_chat_data["sft"], tmp_path / method, "tiny_lora.yaml",
-                                   "--peft_method", method, "--merge_adapter", "false", "--max_steps", "1",
-                                   "--eval_exact_match", "false", *extra))
-        assert 0 < metrics["trainable_params"] < metrics["total_params"]
-        config = json.loads((tmp_path / method / "adapter_config.json").read_text())
-        assert config["peft_type"] == {"ia3": "IA3", "prefix_tuning": "PREFIX_TUNING"}[method]
+                                   "--peft_method", method, "--merge_adapter", "false", "--max_steps", "2",
+                                   "--eval_max_samples", "4", *extra))
+        assert 0 < metrics["trainable_params"] < metrics["total_params"] and math.isfinite(metrics["train_loss"])
+        assert json.loads((tmp_path / method / "adapter_config.json").read_text())["peft_type"] == peft_type
+    # prefix tuning fails inside the pinned TRL: refused up front with the reason
+    with pytest.raises(UserError, match="prefix_tuning does not work in the sft recipe: .*fused LM head"):
+        run_sft(sft_argv(tiny_pretrained, tiny_chat_data["sft"], tmp_path / "prefix", "tiny_lora.yaml",
+                         "--peft_method", "prefix_tuning", "--merge_adapter", "false"))
 
 
 def test_qlora_without_cuda_stops_with_one_line(tiny_pretrained, tiny_chat_data, tmp_path):
@@ -220,7 +223,7 @@ GOOD = {"task": "arithmetic", "answer": "5", "safety_label": ""}
     ([{"role": "user", "content": "What is 2 + 3?"}], "assistant"),
 ])
 def test_bad_conversations_stop_with_one_line_naming_row_and_field(messages, needle, tiny_pretrained, tmp_path):
-    path = write_rows(tmp_path, [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+    path = write_rows(tmp_path, [{"messages": [{"role": "user", "content": "2 + 3?"}, {"role": "assistant", "content": "5"}],
                                   **GOOD}, {"messages": messages, **GOOD}])
     with pytest.raises(UserError) as err:
         run_sft(sft_argv(tiny_pretrained, path, tmp_path / "out"))

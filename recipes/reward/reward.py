@@ -30,7 +30,8 @@ from trl import ModelConfig, RewardConfig
 from data_prep.artifacts import UserError, build_manifest, parse_config, run_cli, write_manifest
 from recipes.common import (load_chat_dataset, load_pretrained, mark_incomplete, model_card, no_zero3_init, publish,
                             resolve_resume, with_cpu_process_group)
-from recipes.peft_methods import PeftMethodArguments, build_peft_config, quantization_config, trainable_parameters
+from recipes.peft_methods import (PeftMethodArguments, build_peft_config, quantization_config, refuse_broken_combination,
+                                  trainable_parameters)
 
 
 @dataclass
@@ -50,6 +51,7 @@ def main(script_args, training_args, model_args, peft_args, callbacks=None) -> d
     from data_prep.chat_tasks import validate_preferences
 
     started = time.time()
+    refuse_broken_combination("reward", model_args, peft_args)
     # ------------------------------------------------------------------ data
     data_manifest, dataset = load_chat_dataset(script_args.dataset_path)
     for split in (script_args.dataset_train_split, script_args.dataset_test_split):
