@@ -335,7 +335,7 @@ def test_sft_cli_writes_datasetdict_and_manifest(sft_dir, capsys):
     for split, ds in data.items():
         assert manifest["outputs"][split]["rows"] == len(ds)
         assert manifest["outputs"][split]["tasks"] == dict(sorted(Counter(ds["task"]).items()))
-    assert manifest["stage"] == "sft_data" and manifest["inputs"]["docstring_functions"] == 120
+    assert manifest["stage"] == "sft_data" and manifest["inputs"]["docstring_functions"] == 40
     assert "dataset_name" not in manifest["options"]
     again = build_sft_data.main(["--output_dir", str(sft_dir.parent / "again"), *SMALL_CLI])
     assert again["fingerprint"] == manifest["fingerprint"]
@@ -460,3 +460,33 @@ def test_rows_render_with_our_chat_template(sft_dir, tiny_data):
         assert text.startswith(prompt)
     with pytest.raises(Exception, match="unknown role"):
         tokenizer.apply_chat_template([{"role": "bot", "content": "x"}], tokenize=False)
+
+
+def test_table_facts_are_held_out_by_question_and_content_families_by_content():
+    """Arithmetic is a single-digit table: a held-out question asks a fact that train taught in
+    another phrasing. Sorting is held out by content: no held-out set of numbers was sorted in train."""
+    import re
+
+    def arithmetic_fact(question):
+        match = re.search(r"(\d) ([+-]) (\d)", question)
+        return match.groups() if match else None
+
+    def last_question(row):
+        return row["messages"][-2]["content"]
+
+    splits = generate_chat_splits({"train": 6000, "test": 300}, seed=42)  # the CLI's default sizes
+    train_questions = user_texts(splits["train"])
+    taught = {arithmetic_fact(q) for q in train_questions} - {None}
+    held = [arithmetic_fact(last_question(r)) for r in splits["test"] if r["task"] == "arithmetic"]
+    held = [f for f in held if f]
+    assert held and all(int(a) <= 9 and int(b) <= 9 for a, _, b in held)
+    assert sum(f in taught for f in held) >= 0.9 * len(held)
+    held_questions = {last_question(r) for r in splits["test"] if r["task"] == "arithmetic"}
+    assert not {q for q in held_questions if not q.startswith("Now ")} & train_questions  # follow-ups are generic
+
+    def sorted_numbers(question):
+        return tuple(sorted(question.split(": ")[1].split())) if question.startswith("Sort these numbers: ") else None
+
+    train_sets = {sorted_numbers(q) for q in train_questions} - {None}
+    test_sets = {sorted_numbers(last_question(r)) for r in splits["test"]} - {None}
+    assert test_sets and not test_sets & train_sets
