@@ -96,12 +96,26 @@ def no_zero3_init():
         hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
-def load_chat_dataset(path: str):
-    """A finished data_prep output (manifest present) as (manifest, DatasetDict)."""
+def load_splits(path: str, train_split: str, test_split: str, validate) -> tuple[dict, object, object]:
+    """(manifest, train, test) of a finished data_prep output, every row checked by `validate(rows, name)`."""
     from datasets import load_from_disk
 
     manifest = read_manifest(path, "dataset")
-    return manifest, load_from_disk(path)
+    dataset = load_from_disk(path)
+    for split in (train_split, test_split):
+        if split not in dataset:
+            raise UserError(f"{path}: no split '{split}' (has {', '.join(dataset)})")
+        validate(dataset[split], f"{path}[{split}]")
+    return manifest, dataset[train_split], dataset[test_split]
+
+
+TRAINING_SUMMARY_KEYS = ("num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
+                         "learning_rate", "lr_scheduler_type", "warmup_steps", "max_length", "bf16", "seed", "world_size")
+
+
+def training_summary(args, extra: tuple[str, ...] = ()) -> dict:
+    """The training settings a model card and manifest record."""
+    return {k: getattr(args, k) for k in TRAINING_SUMMARY_KEYS + extra if hasattr(args, k)}
 
 
 def load_pretrained(path: str, auto_class, trust_remote_code: bool = False, **kwargs):

@@ -26,9 +26,9 @@ from pathlib import Path
 
 from trl import ModelConfig, SFTConfig
 
-from data_prep.artifacts import UserError, build_manifest, parse_config, read_manifest, run_cli, write_manifest
-from recipes.common import (load_chat_dataset, load_pretrained, mark_incomplete, model_card, no_zero3_init, publish,
-                            resolve_resume, with_cpu_process_group)
+from data_prep.artifacts import UserError, build_manifest, parse_config, run_cli, write_manifest
+from recipes.common import (load_pretrained, load_splits, mark_incomplete, model_card, no_zero3_init, publish,
+                            resolve_resume, training_summary, with_cpu_process_group)
 from recipes.peft_methods import (PeftMethodArguments, build_peft_config, quantization_config, refuse_broken_combination,
                                   trainable_parameters)
 
@@ -55,12 +55,8 @@ def main(script_args, training_args, model_args, peft_args, callbacks=None) -> d
     started = time.time()
     refuse_broken_combination("sft", model_args, peft_args)
     # ------------------------------------------------------------------ data
-    data_manifest, dataset = load_chat_dataset(script_args.dataset_path)
-    for split in (script_args.dataset_train_split, script_args.dataset_test_split):
-        if split not in dataset:
-            raise UserError(f"{script_args.dataset_path}: no split '{split}' (has {', '.join(dataset)})")
-        validate_messages(dataset[split], f"{script_args.dataset_path}[{split}]")
-    train_dataset, test_dataset = dataset[script_args.dataset_train_split], dataset[script_args.dataset_test_split]
+    data_manifest, train_dataset, test_dataset = load_splits(
+        script_args.dataset_path, script_args.dataset_train_split, script_args.dataset_test_split, validate_messages)
 
     # ------------------------------------------------------------------ model
     # Loaded after the training arguments exist, so that ZeRO-3 partitions it while loading.
@@ -121,7 +117,7 @@ def main(script_args, training_args, model_args, peft_args, callbacks=None) -> d
                   "dataset_path": script_args.dataset_path, "dataset_fingerprint": data_manifest["fingerprint"],
                   "resumed_from": resume}
         options = {"peft": peft_config.to_dict() if peft_config else None, "peft_method": asdict(peft_args),
-                   "training": _training_summary(training_args)}
+                   "training": training_summary(training_args, ("packing", "assistant_only_loss", "eos_token"))}
         (staging / "README.md").write_text(_card(inputs, options, metrics))
         write_manifest(staging, build_manifest("sft", inputs, options, _headline(metrics)))
         publish(staging, training_args.output_dir)
@@ -164,13 +160,6 @@ def _headline(metrics: dict) -> dict:
         if key in metrics:
             out[key] = metrics[key]["exact_match"]
     return out
-
-
-def _training_summary(args) -> dict:
-    keys = ("num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
-            "learning_rate", "lr_scheduler_type", "warmup_steps", "max_length", "packing", "assistant_only_loss",
-            "eos_token", "bf16", "seed", "world_size")
-    return {k: getattr(args, k) for k in keys}
 
 
 def _card(inputs: dict, options: dict, metrics: dict) -> str:
