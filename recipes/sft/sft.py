@@ -141,7 +141,7 @@ def _merge_lora(staging: Path, trust_remote_code: bool) -> None:
     from transformers import AutoModelForCausalLM
 
     adapter_dir = staging / "adapter"
-    adapter_dir.mkdir()
+    adapter_dir.mkdir(exist_ok=True)  # a crashed earlier run may have left it
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         (staging / name).rename(adapter_dir / name)
     with no_zero3_init():
