@@ -22,7 +22,6 @@ test split, `test_fraction` of the unique prompts is held out.
 
 from __future__ import annotations
 
-import json
 import random
 import sys
 from collections import Counter
@@ -48,7 +47,7 @@ from data_prep.chat_tasks import (
     prompt_key,
     validate_messages,
 )
-from data_prep.steps import json_line
+from data_prep.steps import json_records, read_utf8
 
 FORMATS = ("messages", "alpaca")
 
@@ -91,19 +90,7 @@ def read_local_rows(path: str) -> list[dict]:
         return pq.read_table(file).to_pylist()
     if file.suffix not in (".jsonl", ".json"):
         raise UserError(f"{file}: unsupported file type (use .jsonl, .json or .parquet)")
-    try:
-        text = file.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise UserError(f"{file}: not valid UTF-8 (byte offset {err.start})") from None
-    if file.suffix == ".jsonl":
-        return [json_line(file, n, line) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
-    try:
-        rows = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise UserError(f"{file}:{err.lineno}: not valid JSON ({err.msg})") from None
-    if not isinstance(rows, list):
-        raise UserError(f"{file}: a .json input must hold a list of objects")
-    return rows
+    return [row for _, row, _ in json_records(file, read_utf8(file))]
 
 
 def read_hub_rows(name: str, config: str | None, split: str, max_rows: int | None) -> list[dict]:

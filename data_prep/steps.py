@@ -149,27 +149,12 @@ class LocalFileReader(PipelineStep):
             if path.suffix == ".parquet":
                 yield from self._parquet(path)
                 continue
-            try:
-                text = path.read_text(encoding="utf-8-sig")  # tolerate a byte-order mark
-            except UnicodeDecodeError as err:
-                line = path.read_bytes()[: err.start].count(b"\n") + 1
-                raise UserError(f"{path}:{line}: not valid UTF-8 (byte offset {err.start})") from None
+            text = read_utf8(path)
             if path.suffix in (".txt", ".md"):
                 yield Document(text, str(path), {"source": "local", "path": str(path)})
-            elif path.suffix == ".jsonl":
-                # split on "\n" only: str.splitlines() would also cut at U+2028 inside JSON strings
-                for lineno, line in enumerate(text.split("\n"), 1):
-                    if line.strip():
-                        yield self._row(json_line(path, lineno, line), path, lineno)
             else:
-                try:
-                    rows = json.loads(text)
-                except json.JSONDecodeError as err:
-                    raise UserError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
-                if not isinstance(rows, list):
-                    raise UserError(f"{path}: a .json input must hold a list of objects")
-                for index, row in enumerate(rows):
-                    yield self._row(row, path, index, unit="item")
+                for position, row, unit in json_records(path, text):
+                    yield self._row(row, path, position, unit=unit)
 
     def _parquet(self, path: Path):
         import pyarrow.parquet as pq
@@ -189,6 +174,33 @@ class LocalFileReader(PipelineStep):
         if not isinstance(row[self.text_field], str):
             raise UserError(f"{where}: field '{self.text_field}' is not a string")
         return Document(row[self.text_field], f"{path}#{index}", {"source": "local", "path": str(path)})
+
+
+def read_utf8(path: Path) -> str:
+    """A file's text (a byte-order mark tolerated), or a one-line error naming the file and line."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[: err.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not valid UTF-8 (byte offset {err.start})") from None
+
+
+def json_records(path: Path, text: str):
+    """(line or index, object, "line"/"item") for each record of a .jsonl or .json (list) file."""
+    if path.suffix == ".jsonl":
+        # split on "\n" only: str.splitlines() would also cut at U+2028 inside JSON strings
+        for lineno, line in enumerate(text.split("\n"), 1):
+            if line.strip():
+                yield lineno, json_line(path, lineno, line), "line"
+        return
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+    if not isinstance(rows, list):
+        raise UserError(f"{path}: a .json input must hold a list of objects")
+    for index, row in enumerate(rows):
+        yield index, row, "item"
 
 
 def json_line(path: Path, lineno: int, line: str):

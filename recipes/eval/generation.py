@@ -6,7 +6,24 @@ length, left-padded and decoded greedily with the KV cache under `torch.inferenc
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
+
+
+@contextlib.contextmanager
+def scoring(model, tokenizer, padding_side: str):
+    """Eval mode, no autograd and the given padding side, all restored afterwards."""
+    import torch
+
+    saved_side, was_training = tokenizer.padding_side, model.training
+    tokenizer.padding_side = padding_side
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        tokenizer.padding_side = saved_side
+        model.train(was_training)
 
 
 def stop_token_ids(tokenizer) -> list[int]:
@@ -19,30 +36,20 @@ def stop_token_ids(tokenizer) -> list[int]:
 def generate_replies(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 32,
                      batch_size: int = 64, **generate_kwargs) -> list[str]:
     """One assistant reply per conversation (its messages so far), in input order."""
-    import torch
-
     prompts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     replies: list[str] = [""] * len(prompts)
-    padding_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
     generate_kwargs = {"do_sample": False, **generate_kwargs}
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for start in range(0, len(order), batch_size):
-                batch = order[start:start + batch_size]
-                enc = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True,
-                                add_special_tokens=False).to(model.device)
-                out = model.generate(**enc, max_new_tokens=max_new_tokens, eos_token_id=stop_token_ids(tokenizer),
-                                     pad_token_id=tokenizer.pad_token_id, **generate_kwargs)
-                texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-                for i, text in zip(batch, texts):
-                    replies[i] = text.strip()
-    finally:
-        tokenizer.padding_side = padding_side
-        model.train(was_training)
+    with scoring(model, tokenizer, "left"):
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            enc = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True,
+                            add_special_tokens=False).to(model.device)
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, eos_token_id=stop_token_ids(tokenizer),
+                                 pad_token_id=tokenizer.pad_token_id, **generate_kwargs)
+            texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            for i, text in zip(batch, texts):
+                replies[i] = text.strip()
     return replies
 
 

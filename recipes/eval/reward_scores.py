@@ -9,27 +9,18 @@ from __future__ import annotations
 
 
 def score_conversations(model, tokenizer, conversations: list[list[dict]], batch_size: int = 32) -> list[float]:
-    import torch
+    from recipes.eval.generation import scoring
 
     texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in conversations]
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     scores: list[float] = [0.0] * len(texts)
-    padding_side = tokenizer.padding_side
-    tokenizer.padding_side = "right"
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for start in range(0, len(order), batch_size):
-                batch = order[start:start + batch_size]
-                enc = tokenizer([texts[i] for i in batch], return_tensors="pt", padding=True,
-                                add_special_tokens=False).to(model.device)
-                logits = model(**enc).logits[:, 0].float().tolist()
-                for i, value in zip(batch, logits):
-                    scores[i] = value
-    finally:
-        tokenizer.padding_side = padding_side
-        model.train(was_training)
+    with scoring(model, tokenizer, "right"):
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            enc = tokenizer([texts[i] for i in batch], return_tensors="pt", padding=True,
+                            add_special_tokens=False).to(model.device)
+            for i, value in zip(batch, model(**enc).logits[:, 0].float().tolist()):
+                scores[i] = value
     return scores
 
 
