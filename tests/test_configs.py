@@ -98,6 +98,20 @@ def test_post_training_yaml_parses_and_builds_its_peft_config(path):
         assert peft_config.task_type == "SEQ_CLS"
 
 
+EVAL_YAMLS = sorted(p for p in (REPO_ROOT / "recipes/eval").glob("*.yaml") if not p.name.startswith("report"))
+
+
+@pytest.mark.parametrize("path", EVAL_YAMLS, ids=lambda p: p.name)
+def test_eval_yaml_parses_and_names_known_metrics(path):
+    from recipes.eval import eval as eval_recipe
+
+    (args,) = eval_recipe.parse_args(["--config", str(path)])
+    assert args.metrics and set(args.metrics) <= set(eval_recipe.METRICS)
+    assert Path(args.output_dir).parts[0] == "outputs" and not args.trust_remote_code
+    if "win_rate" in args.metrics:
+        assert args.compare_model_name_or_path and args.reward_model_name_or_path
+
+
 HYPERPARAMETER_KEYS = {"learning_rate", "gradient_accumulation_steps", "gradient_clipping", "train_batch_size",
                        "train_micro_batch_size_per_gpu", "max_steps", "bf16", "fp16", "optimizer", "scheduler"}
 

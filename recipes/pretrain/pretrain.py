@@ -10,8 +10,8 @@
 
 Input: a packed dataset from `data_prep.pack_dataset` and its tokenizer. Output (`output_dir`):
 checkpoints every `save_steps`, and at the end the model (safetensors), tokenizer, model card,
-`metrics.json` and `manifest.json`. The manifest is written last: without it the directory is
-unfinished. Tokens/s and MFU are logged at every logging step.
+`metrics.json`, `trainer_state.json` (the log history) and `manifest.json`. The manifest is written
+last: without it the directory is unfinished. Tokens/s and MFU are logged at every logging step.
 """
 
 from __future__ import annotations
@@ -160,6 +160,7 @@ def main(script_args, training_args, arch_args, callbacks=None) -> dict:
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(str(staging))
         (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        trainer.state.save_to_json(str(staging / "trainer_state.json"))  # log_history, for the report's curves
         inputs = {"dataset_path": script_args.dataset_path, "dataset_fingerprint": data_manifest["fingerprint"],
                   "tokenizer_path": script_args.tokenizer_path, "resumed_from": resume}
         options = {"architecture": asdict(arch_args), "training": _training_summary(training_args)}

@@ -15,7 +15,7 @@ Input: the SFT output (or a Hub model), loaded as `AutoModelForSequenceClassific
 with a fresh scalar head, and (prompt, chosen, rejected[, margin]) rows from
 `data_prep.build_preference_data`. Loss: -log sigmoid(r_chosen - r_rejected - margin). Output: the
 model or adapter, tokenizer, `metrics.json` with held-out pairwise accuracy before and after,
-a model card and `manifest.json`, written last.
+`trainer_state.json` (the log history), a model card and `manifest.json`, written last.
 """
 
 from __future__ import annotations
@@ -101,6 +101,7 @@ def main(script_args, training_args, model_args, peft_args, callbacks=None) -> d
                           f"{metrics['pairwise_after']['n']} pairs)")
         metrics["wall_time_s"] = round(time.time() - started, 1)
         (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        trainer.state.save_to_json(str(staging / "trainer_state.json"))  # log_history, for the report's curves
         inputs = {"model": model_path, "model_fingerprint": parent.get("fingerprint"),
                   "dataset_path": script_args.dataset_path, "dataset_fingerprint": data_manifest["fingerprint"],
                   "resumed_from": resume}

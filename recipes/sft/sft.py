@@ -13,8 +13,8 @@
 
 Input: a model directory (the pretraining output, or a Hub model) and a `messages` dataset from
 `data_prep.build_sft_data`. Output (`output_dir`): the model or PEFT adapter (safetensors), the
-tokenizer, `metrics.json` with held-out exact match before and after, a model card and
-`manifest.json`, written last.
+tokenizer, `metrics.json` with held-out exact match before and after, `trainer_state.json` (the log
+history), a model card and `manifest.json`, written last.
 """
 
 from __future__ import annotations
@@ -113,6 +113,7 @@ def main(script_args, training_args, model_args, peft_args, callbacks=None) -> d
                           f"{json.dumps(metrics['exact_match_after']['by_task'])}")
         metrics["wall_time_s"] = round(time.time() - started, 1)
         (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        trainer.state.save_to_json(str(staging / "trainer_state.json"))  # log_history, for the report's curves
         inputs = {"model": model_path, "model_fingerprint": parent.get("fingerprint"),
                   "dataset_path": script_args.dataset_path, "dataset_fingerprint": data_manifest["fingerprint"],
                   "resumed_from": resume}
