@@ -74,3 +74,31 @@ def tiny_chat_data(tmp_path_factory) -> dict[str, Path]:
     build_preference_data.main(["--sft_data_dir", str(paths["sft"]), "--output_dir", str(paths["preference"]),
                                 "--margin", "rank"])
     return paths
+
+
+@pytest.fixture(scope="session")
+def tiny_sft(tiny_pretrained, tiny_chat_data, tmp_path_factory) -> Path:
+    """The SFT recipe's output after 4 steps on the tiny chat data: a real chat policy directory for RL."""
+    from recipes.sft import sft
+
+    out = tmp_path_factory.mktemp("tiny_sft") / "sft"
+    sft.main(*sft.parse_args([
+        "--config", str(REPO_ROOT / "recipes/sft/tiny.yaml"), "--model_name_or_path", str(tiny_pretrained),
+        "--dataset_path", str(tiny_chat_data["sft"]), "--output_dir", str(out), "--max_steps", "4",
+        "--per_device_train_batch_size", "8", "--learning_rate", "0.01", "--warmup_steps", "0", "--logging_steps", "1",
+        "--eval_exact_match", "false", "--disable_tqdm", "true"]))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_reward(tiny_sft, tiny_chat_data, tmp_path_factory) -> Path:
+    """The reward recipe's output after 4 steps from tiny_sft on the tiny preference pairs (a scalar head)."""
+    from recipes.reward import reward
+
+    out = tmp_path_factory.mktemp("tiny_reward") / "reward"
+    reward.main(*reward.parse_args([
+        "--config", str(REPO_ROOT / "recipes/reward/tiny.yaml"), "--model_name_or_path", str(tiny_sft),
+        "--dataset_path", str(tiny_chat_data["preference"]), "--output_dir", str(out), "--max_steps", "4",
+        "--per_device_train_batch_size", "8", "--warmup_steps", "0", "--logging_steps", "1",
+        "--eval_pairwise_accuracy", "false", "--disable_tqdm", "true"]))
+    return out

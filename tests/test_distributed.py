@@ -87,3 +87,24 @@ def test_sft_then_reward_under_zero3_on_two_cpu_processes(tiny_pretrained, tiny_
     assert rm_metrics["steps"] == 4 and rm_metrics["pairwise_after"]["n"] > 0
     model, info = AutoModelForSequenceClassification.from_pretrained(rm_out, output_loading_info=True)
     assert not info["missing_keys"] and model.score.weight.abs().sum() > 0
+
+
+def test_ppo_under_zero2_on_two_cpu_processes_and_zero3_refused(tiny_sft, tiny_reward, tiny_chat_data, tmp_path):
+    from test_ppo import ppo_argv
+
+    out = tmp_path / "ppo_zero2"
+    argv = ppo_argv(tiny_sft, tiny_reward, tiny_chat_data, out, "--num_mini_batches", "1", "--eval_max_samples", "8")
+    result = accelerate_launch("accelerate_configs/deepspeed_zero2.yaml", "recipes/rl/ppo.py", argv, port=29607)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert "[ppo] DEEPSPEED ZeRO-2 on 2 process(es)" in result.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["updates"] == 2 and "after" in metrics  # 16 episodes / (4 rollouts x 2 processes)
+    logs = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    assert all(row["loss/value"] == row["loss/value"] for row in logs)
+    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"]
+
+    result = accelerate_launch("accelerate_configs/deepspeed_zero3.yaml", "recipes/rl/ppo.py",
+                               ppo_argv(tiny_sft, tiny_reward, tiny_chat_data, tmp_path / "ppo_zero3"), port=29608)
+    assert result.returncode == 2 and "error: PPO does not run under DeepSpeed ZeRO-3" in result.stderr
+    assert not (tmp_path / "ppo_zero3" / "manifest.json").exists()

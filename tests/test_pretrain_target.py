@@ -15,7 +15,13 @@ from conftest import REPO_ROOT
 from recipes import summary
 from recipes.pretrain import pretrain
 
-pytestmark = pytest.mark.slow
+import os
+
+# The full preset takes ~10.5 of the suite's minutes; with the RL, eval and notebook tests the suite
+# would pass the 25-minute CI budget, so this measurement runs on request (README, "Tests").
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
+    os.environ.get("RUN_FULL_PRESET") != "1",
+    reason="full tiny-preset pretraining (~10 min): run with RUN_FULL_PRESET=1 bash tests/run.sh -k target")]
 
 
 def test_tiny_preset_on_embedded_default_reaches_40_percent_of_initial_loss(tmp_path):

@@ -1,0 +1,167 @@
+"""What the RL recipes share: loading the policy, the held-out evaluation before and after training,
+the reward/KL curves and the output directory (model, metrics, trainer state, curves, card, manifest).
+
+The held-out evaluation is recipes.rl.policy_eval.evaluate_policy, shared with PPO, so that every
+method reports the same figures: `mean_reward` (reward-model score of greedy replies), `exact_match`
+and `by_task` (check_answer), and `kl_per_sequence` (recipes.rl.kl.kl_report, on sampled replies).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from data_prep.artifacts import UserError, build_manifest, write_manifest
+from recipes.common import load_pretrained, model_card, no_zero3_init, publish
+
+
+@dataclass
+class PromptArguments:
+    """Prompts, rewards and held-out evaluation of the online RL recipes (GRPO, RLOO)."""
+
+    dataset_path: str | None = field(default="outputs/sft_data", metadata={
+        "help": "Output of data_prep.build_sft_data (messages rows); set to null to use dataset_name."})
+    dataset_name: str | None = field(default=None, metadata={"help": "A Hub prompt set (a prompt or messages column)."})
+    dataset_config: str | None = field(default=None)
+    dataset_train_split: str = field(default="rl_prompts")
+    dataset_test_split: str | None = field(default="test", metadata={"help": "Held-out prompts; 'none' to skip."})
+    max_train_prompts: int | None = field(default=None)
+    max_prompt_tokens: int | None = field(default=None, metadata={
+        "help": "Longer prompts lose their oldest turns (then their first tokens); the count is reported."})
+    reward_model_path: str | None = field(default="outputs/reward_tiny", metadata={
+        "help": "A recipes/reward output (scalar head); null for the rule-based reward alone."})
+    correctness_reward: bool = field(default=False, metadata={
+        "help": "Add the rule-based 1/0 reward (check_answer on the task/answer columns) after the reward model."})
+    eval_policy: bool = field(default=True, metadata={"help": "Held-out reward, exact match and KL, before and after."})
+    eval_max_samples: int | None = field(default=None)
+    eval_max_new_tokens: int = field(default=48)
+    eval_batch_size: int = field(default=64)
+
+
+def load_policy(model_args, trust_remote_code: bool = False):
+    """(model, tokenizer, parent manifest) of ModelConfig's model; generation stops at every end-of-turn and
+    end-of-text token."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from recipes.eval.generation import stop_token_ids
+
+    model_path, dtype = model_args.model_name_or_path, model_args.dtype
+    model, tokenizer, parent = load_pretrained(
+        model_path, AutoModelForCausalLM, trust_remote_code=trust_remote_code,
+        attn_implementation=model_args.attn_implementation,
+        dtype=getattr(torch, dtype) if dtype not in (None, "auto") else "auto")
+    if not tokenizer.chat_template:
+        raise UserError(f"{model_path}: the tokenizer has no chat template (RL starts from a chat model)")
+    # TRL's trainers stop at every id in generation_config.eos_token_id plus the tokenizer's eos
+    declared = model.generation_config.eos_token_id
+    declared = [] if declared is None else [declared] if isinstance(declared, int) else list(declared)
+    model.generation_config.eos_token_id = sorted(set(declared) | set(stop_token_ids(tokenizer)))
+    return model, tokenizer, parent
+
+
+def evaluate_saved_policy(model_path: str, reference_path: str, prompts, scorer, max_new_tokens: int = 48,
+                          batch_size: int = 64, trust_remote_code: bool = False, seed: int = 0) -> dict:
+    """recipes.rl.policy_eval.evaluate_policy (the one held-out evaluation of every RL method) on the policy
+    saved at model_path, against the reference at reference_path, both loaded whole on this process."""
+    from transformers import AutoModelForCausalLM
+
+    from recipes.rl.policy_eval import evaluate_policy
+
+    if scorer is None:
+        raise UserError("eval_policy scores the held-out replies with the reward model: set reward_model_path, "
+                        "or eval_policy: false")
+    if any(isinstance(p, str) for p in prompts["prompt"]):
+        raise UserError("eval_policy needs conversational prompts (lists of messages); set eval_policy: false")
+    with no_zero3_init():
+        policy, tokenizer, _ = load_pretrained(model_path, AutoModelForCausalLM, trust_remote_code=trust_remote_code)
+        if model_path == reference_path:  # the starting point: its KL to itself is 0 by definition, not measured
+            result = evaluate_policy(policy, tokenizer, prompts, scorer, measure_kl=False,
+                                     max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)
+            return {**result, "kl_per_sequence": 0.0}
+        reference, _, _ = load_pretrained(reference_path, AutoModelForCausalLM, trust_remote_code=trust_remote_code)
+    return evaluate_policy(policy, tokenizer, prompts, scorer, reference=reference, max_new_tokens=max_new_tokens,
+                           batch_size=batch_size, seed=seed)
+
+
+def summary_line(before: dict, after: dict) -> str:
+    return (f"held-out ({after['n']} prompts): reward-model score {before['mean_reward']:.3f} -> "
+            f"{after['mean_reward']:.3f}, exact match {before['exact_match']:.3f} -> {after['exact_match']:.3f}, "
+            f"KL to the reference {after['kl_per_sequence']:.3f} nats/sequence")
+
+
+REWARD_KEYS = ("reward", "rewards/reward_model/mean", "rewards/correctness_reward/mean", "rewards/margins",
+               "rewards/accuracies")
+
+
+def plot_curves(log_history: list[dict], path: str | Path, title: str, beta: float | None = None,
+                held_out_kl: tuple[int, float] | None = None) -> None:
+    """rl_curves.png: the rewards TRL logged (left) and the KL to the reference (right), per step.
+
+    Online methods (GRPO, RLOO) log `kl` per token; it is drawn times the mean completion length,
+    an estimate per sequence. DPO logs the implicit rewards beta*log(pi/pi_ref) of the preference
+    responses; divided by beta they are the log-ratio per sequence on those (not the policy's own)
+    responses. `held_out_kl` = (step, value) marks the KL measured on held-out prompts after training.
+    """
+    # A bare Figure with an Agg canvas: no pyplot state, so a notebook's inline backend is left alone.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    logs = [h for h in log_history if "step" in h and "train_runtime" not in h]
+    fig = Figure(figsize=(11, 4))
+    FigureCanvasAgg(fig)
+    left, right = fig.subplots(1, 2)
+    for key in REWARD_KEYS:
+        points = [(h["step"], h[key]) for h in logs if key in h and math.isfinite(h[key])]
+        if points:
+            left.plot(*zip(*points), marker=".", label=key)
+    left.set(xlabel="step", ylabel="reward", title="reward (training batches)")
+    left.legend(fontsize=8)
+    if any("kl" in h for h in logs):
+        points = [(h["step"], h["kl"] * h.get("completions/mean_length", 1.0)) for h in logs if "kl" in h]
+        right.plot(*zip(*points), marker=".", label="kl per token x mean completion length (training)")
+    if beta:
+        for key in ("rewards/chosen", "rewards/rejected"):
+            points = [(h["step"], h[key] / beta) for h in logs if key in h]
+            if points:
+                right.plot(*zip(*points), marker=".", label=f"log pi/pi_ref on {key.split('/')[1]} (sequence)")
+    if held_out_kl is not None:
+        right.plot([0, held_out_kl[0]], [0.0, held_out_kl[1]], "k*", markersize=10, label="held-out KL per sequence")
+    right.set(xlabel="step", ylabel="nats per sequence", title="KL to the reference")
+    right.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def headline(metrics: dict) -> dict:
+    """Flat key figures for the manifest and the model card (the PPO recipe's names)."""
+    out = {k: v for k, v in metrics.items() if not isinstance(v, dict)}
+    for when in ("before", "after"):
+        for key in ("mean_reward", "exact_match", "kl_per_sequence"):
+            if key in metrics.get(when, {}):
+                out[f"{when}_{key}"] = metrics[when][key]
+    return out
+
+
+def finish_run(trainer, staging: Path, stage: str, inputs: dict, options: dict, metrics: dict, title: str,
+               summary: str, beta: float | None = None) -> None:
+    """Write metrics.json, trainer_state.json, rl_curves.png, README.md and (last) manifest.json, then publish."""
+    (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    trainer.state.save_to_json(str(staging / "trainer_state.json"))
+    after = metrics.get("after")
+    plot_curves(trainer.state.log_history, staging / "rl_curves.png", f"{title}: {Path(trainer.args.output_dir).name}",
+                beta=beta, held_out_kl=(trainer.state.global_step, after["kl_per_sequence"]) if after else None)
+    shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in headline(metrics).items()}
+    if after:
+        shown["exact_match_by_task"] = json.dumps(after["by_task"])
+    card = model_card(title=title, summary=summary,
+                      sections={"Lineage": inputs, "Training": options["training"],
+                                "PEFT": options.get("peft") or "full fine-tuning", "Metrics": shown,
+                                "Curves": "![reward and KL](rl_curves.png)"},
+                      tags=[stage, "trl", "rlhf"])
+    (staging / "README.md").write_text(card)
+    write_manifest(staging, build_manifest(stage, inputs, options, headline(metrics)))
+    publish(staging, trainer.args.output_dir)

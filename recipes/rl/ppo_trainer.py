@@ -1,0 +1,472 @@
+"""PPO for chat models with a learned reward: the RLHF loop of InstructGPT, in TRL's shape.
+
+TRL 1.16 no longer ships a PPO trainer, so this module is ours: a `PPOConfig` (TrainingArguments plus
+the PPO knobs) and a `PPOTrainer` (a transformers `Trainer` whose `train()` is the PPO loop). Four
+models take part: the policy (trained), a frozen reference (the SFT model, or the policy with its
+LoRA adapter switched off), the reward model (frozen) and a critic (trained, initialised from the
+reward model). One update:
+
+1. rollout: the policy samples a reply to each prompt of the batch (KV cache, temperature/top-p,
+   stop at end of turn);
+2. scoring: the reward model scores prompt + reply; policy, reference and critic score each reply token;
+3. reward shaping: r_t = -kl_coef * (log pi(a_t) - log pi_ref(a_t)) on every reply token, plus the
+   reward-model score on the last one (r = r_theta - lambda * KL, per token);
+4. advantages by GAE (gamma, lambda), whitened over the batch; value targets = advantages + values;
+5. `num_ppo_epochs` passes over the rollout in `num_mini_batches` minibatches, each one optimizer
+   step: clipped policy loss + vf_coef * clipped value loss.
+
+The pure functions below (GAE, reward shaping, the two losses, the KL controllers) are what the
+tests pin to hand computations.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+from transformers import GenerationConfig, Trainer, TrainingArguments
+
+from data_prep.artifacts import UserError
+
+
+@dataclass
+class PPOConfig(TrainingArguments):
+    """Batch sizes: a micro batch is `per_device_train_batch_size` sequences; `gradient_accumulation_steps`
+    micro batches make a minibatch (one optimizer step); `num_mini_batches` minibatches make the rollout
+    batch of one update, on each process."""
+
+    total_episodes: int | None = field(default=None, metadata={
+        "help": "Prompts to roll out in all (default: num_train_epochs passes over the prompt set)."})
+    num_ppo_epochs: int = field(default=4, metadata={"help": "Passes over each rollout batch."})
+    num_mini_batches: int = field(default=1, metadata={"help": "Minibatches (optimizer steps) per PPO epoch."})
+    local_rollout_forward_batch_size: int = field(default=64, metadata={
+        "help": "Sequences per forward pass while generating and scoring rollouts."})
+    response_length: int = field(default=32, metadata={"help": "Most new tokens per reply."})
+    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature of rollouts."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling of rollouts."})
+    missing_eos_penalty: float | None = field(default=1.0, metadata={
+        "help": "Subtracted from the score of a reply that never ends its turn (None: no penalty)."})
+    kl_coef: float = field(default=0.05, metadata={"help": "lambda in r = r_theta - lambda * KL (initial value if adaptive)."})
+    adaptive_kl: bool = field(default=False, metadata={"help": "Adapt kl_coef toward target_kl (Ziegler et al. 2019)."})
+    target_kl: float = field(default=3.0, metadata={"help": "Target KL per sequence (nats) of the adaptive controller."})
+    kl_horizon: int = field(default=10000, metadata={"help": "Episodes over which the adaptive controller reacts."})
+    cliprange: float = field(default=0.2, metadata={"help": "Policy ratio clip epsilon."})
+    cliprange_value: float = field(default=0.2, metadata={"help": "Value clip around the rollout's values."})
+    vf_coef: float = field(default=0.1, metadata={"help": "Weight of the value loss."})
+    gamma: float = field(default=1.0, metadata={"help": "Discount."})
+    lam: float = field(default=0.95, metadata={"help": "GAE lambda."})
+    whiten_rewards: bool = field(default=False, metadata={"help": "Whiten shaped rewards before GAE."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Run model code from the Hub (off: safer)."})
+    reward_weights: list[float] | None = field(default=None, metadata={
+        "help": "Weights of the reward functions in the score (default: all 1)."})
+
+
+# ---------------------------------------------------------------------------- pure pieces
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    mean = masked_mean(values, mask)
+    var = masked_mean((values - mean) ** 2, mask)
+    whitened = (values - mean) * torch.rsqrt(var + 1e-8)
+    return (whitened if shift_mean else whitened + mean) * mask
+
+
+def kl_shaped_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+                      mask: torch.Tensor, kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token rewards -kl_coef * (log pi - log pi_ref), plus the sequence score on each row's last
+    valid token. Returns (rewards, per-token KL); both are zero where mask is 0."""
+    kl = (logprobs - ref_logprobs) * mask
+    rewards = -kl_coef * kl
+    last = mask.sum(dim=1).long().clamp(min=1) - 1
+    rewards[torch.arange(len(scores)), last] += scores
+    return rewards * mask, kl
+
+
+def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+                lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over reply tokens, right-padded by mask.
+
+    delta_t = r_t + gamma * V_{t+1} - V_t and A_t = delta_t + gamma * lam * A_{t+1}; the value after
+    the last valid token is 0 (the episode ends there). Returns (advantages, returns = A + V)."""
+    values = values * mask
+    rewards = rewards * mask
+    advantages = torch.zeros_like(rewards)
+    next_advantage = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(next_advantage)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_advantage = delta + gamma * lam * next_advantage
+        advantages[:, t] = next_advantage
+    advantages = advantages * mask
+    return advantages, (advantages + values) * mask
+
+
+def clipped_policy_loss(new_logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                        mask: torch.Tensor, cliprange: float) -> tuple[torch.Tensor, dict]:
+    """PPO-clip: mean over tokens of max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))."""
+    ratio = torch.exp(new_logprobs - old_logprobs)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    loss = masked_mean(torch.max(unclipped, clipped), mask)
+    with torch.no_grad():
+        stats = {"clipfrac": masked_mean((clipped > unclipped).float(), mask),
+                 "approxkl": 0.5 * masked_mean((new_logprobs - old_logprobs) ** 2, mask),
+                 "ratio": masked_mean(ratio, mask)}
+    return loss, stats
+
+
+def clipped_value_loss(new_values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+                       mask: torch.Tensor, cliprange_value: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """0.5 * mean of max((V - R)^2, (V_clipped - R)^2), V_clipped within cliprange_value of the rollout's V.
+    Returns (loss, share of tokens where the clipped term was the larger)."""
+    clipped_values = old_values + torch.clamp(new_values - old_values, -cliprange_value, cliprange_value)
+    unclipped_error = (new_values - returns) ** 2
+    clipped_error = (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.max(unclipped_error, clipped_error), mask)
+    return loss, masked_mean((clipped_error > unclipped_error).float(), mask).detach()
+
+
+class FixedKLController:
+    def __init__(self, kl_coef: float):
+        self.value = kl_coef
+
+    def update(self, current_kl: float, n_episodes: int) -> None:
+        pass
+
+
+class AdaptiveKLController:
+    """Proportional control of kl_coef toward a target KL per sequence (Ziegler et al. 2019): the
+    relative error is clipped to +-20% and applied in proportion to n_episodes / horizon."""
+
+    def __init__(self, kl_coef: float, target_kl: float, horizon: int):
+        self.value, self.target, self.horizon = kl_coef, target_kl, horizon
+
+    def update(self, current_kl: float, n_episodes: int) -> None:
+        error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_episodes / self.horizon
+
+
+def first_true_index(mask: torch.Tensor) -> torch.Tensor:
+    """Column of the first True per row, or the row length when there is none."""
+    length = mask.shape[1]
+    positions = torch.arange(length, device=mask.device).expand_as(mask)
+    return torch.where(mask, positions, torch.full_like(positions, length)).min(dim=1).values
+
+
+# ---------------------------------------------------------------------------- models
+
+class PolicyAndValueWrapper(nn.Module):
+    """Policy and critic as one module, so that one optimizer (and one DeepSpeed engine) trains both."""
+
+    def __init__(self, policy, value_model):
+        super().__init__()
+        if not hasattr(value_model, "score"):
+            raise UserError(f"value model {type(value_model).__name__} has no `score` head "
+                            "(expected an AutoModelForSequenceClassification)")
+        self.policy = policy
+        self.value_model = value_model
+        self.config = policy.config
+
+    @property
+    def critic_backbone(self):
+        return getattr(self.value_model, self.value_model.base_model_prefix)
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return getattr(self.policy, "is_gradient_checkpointing", False)
+
+    def gradient_checkpointing_disable(self):
+        self.policy.gradient_checkpointing_disable()
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+        self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+
+    def forward(self, input_ids, attention_mask, position_ids, response_length: int):
+        """(policy logits, critic values) at the positions that predict the last `response_length` tokens.
+
+        Only those positions go through the LM head: over a 4k+ vocabulary it is most of the compute."""
+        hidden = self.critic_backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                      use_cache=False).last_hidden_state[:, -response_length - 1:-1]
+        values = self.value_model.score(hidden).squeeze(-1)
+        logits = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             use_cache=False, logits_to_keep=response_length + 1).logits[:, :-1]
+        return logits, values
+
+
+def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    return (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+
+
+def _reply_logprobs(reply_logits: torch.Tensor, responses: torch.Tensor, temperature: float):
+    """Log-probabilities of reply tokens under temperature-scaled logits (from the positions before them),
+    and those logits."""
+    from trl.trainer.utils import selective_log_softmax
+
+    reply_logits = reply_logits / temperature
+    return selective_log_softmax(reply_logits, responses), reply_logits
+
+
+def _reference_logits(model, input_ids, attention_mask, position_ids, response_length: int):
+    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                 logits_to_keep=response_length + 1).logits[:, :-1]
+
+
+# ---------------------------------------------------------------------------- trainer
+
+def refuse_zero3() -> None:
+    """Rollouts would need every rank to gather the partitioned policy inside `generate`, step by step in
+    lockstep; on the 2-process CPU test that deadlocked, so ZeRO-3 is refused with the alternatives."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        raise UserError("PPO does not run under DeepSpeed ZeRO-3 (rollout generation with partitioned weights "
+                        "hangs); use accelerate_configs/deepspeed_zero2.yaml, or a LoRA policy with DDP")
+
+
+class PPOTrainer(Trainer):
+    """`train_dataset` rows carry `prompt` (a list of chat messages) and any extra columns the reward
+    functions read (e.g. `task`, `answer`). `reward_funcs` follow TRL's GRPO signature,
+    f(prompts, completions, **columns) -> list[float | None] (None counts 0); the score of a reply is
+    their weighted sum. The reward model enters as one of them (recipes.rl.rewards.RewardModelScorer)."""
+
+    def __init__(self, args: PPOConfig, processing_class, model, ref_model, value_model, reward_funcs: list[Callable],
+                 train_dataset, callbacks=None):
+        refuse_zero3()
+        self.reward_funcs = list(reward_funcs)
+        weights = args.reward_weights or [1.0] * len(self.reward_funcs)
+        if not self.reward_funcs or len(weights) != len(self.reward_funcs):
+            raise UserError(f"reward_weights: {len(weights)} weights for {len(self.reward_funcs)} reward functions")
+        self.reward_weights = weights
+        if "prompt" not in train_dataset.column_names:
+            raise UserError(f"PPO prompts need a 'prompt' column (have {', '.join(train_dataset.column_names)})")
+        self.uses_adapter = ref_model is None
+        if self.uses_adapter and not hasattr(model, "disable_adapter"):
+            raise UserError("PPO: ref_model may be left out only for a PEFT policy (its reference is the "
+                            "policy with the adapter disabled)")
+        wrapper = PolicyAndValueWrapper(model, value_model)
+        super().__init__(model=wrapper, args=args, processing_class=processing_class, train_dataset=train_dataset,
+                         callbacks=callbacks)
+        self.ref_model = ref_model
+        if ref_model is not None:
+            ref_model.eval().requires_grad_(False).to(self.accelerator.device)
+        for func in self.reward_funcs:
+            if hasattr(func, "to"):  # a reward model: next to the policy
+                func.to(self.accelerator.device)
+        self.kl_controller = (AdaptiveKLController(args.kl_coef, args.target_kl, args.kl_horizon) if args.adaptive_kl
+                              else FixedKLController(args.kl_coef))
+
+        from recipes.eval.generation import stop_token_ids
+
+        self.stop_ids = stop_token_ids(processing_class)
+        self.world_size = self.accelerator.num_processes
+        self.mini_batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps
+        self.rollout_batch_size = self.mini_batch_size * args.num_mini_batches  # per process
+        episodes = args.total_episodes or int(args.num_train_epochs * len(train_dataset))
+        self.num_updates = max(1, math.ceil(episodes / (self.rollout_batch_size * self.world_size)))
+        if len(train_dataset) < self.rollout_batch_size * self.world_size:
+            raise UserError(f"PPO: {len(train_dataset)} prompts is fewer than one rollout batch "
+                            f"({self.rollout_batch_size} x {self.world_size} processes)")
+
+    # ------------------------------------------------------------------ data
+    def _prompt_batches(self):
+        """Endless shuffled batches of this process's share of the prompts, as (token batch, rows)."""
+        shard = self.train_dataset.shard(num_shards=self.world_size, index=self.accelerator.process_index)
+        tokenizer = self.processing_class
+        generator = torch.Generator().manual_seed(self.args.seed)
+        while True:
+            order = torch.randperm(len(shard), generator=generator).tolist()
+            for start in range(0, len(order) - self.rollout_batch_size + 1, self.rollout_batch_size):
+                rows = [shard[i] for i in order[start:start + self.rollout_batch_size]]
+                texts = [tokenizer.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True)
+                         for r in rows]
+                saved_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+                batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+                tokenizer.padding_side = saved_side
+                yield batch.to(self.accelerator.device), rows
+
+    # ------------------------------------------------------------------ rollout
+    @torch.no_grad()
+    def _rollout(self, batch, rows) -> dict:
+        from trl.models.utils import unwrap_model_for_generation
+
+        args, tokenizer = self.args, self.processing_class
+        context_length = batch["input_ids"].shape[1]
+        generation_config = GenerationConfig(
+            max_new_tokens=args.response_length, do_sample=True, temperature=args.temperature, top_p=args.top_p,
+            top_k=0, eos_token_id=self.stop_ids, pad_token_id=tokenizer.pad_token_id)
+        chunk = args.local_rollout_forward_batch_size
+        responses = []
+        with unwrap_model_for_generation(self.model_wrapped, self.accelerator) as unwrapped:
+            unwrapped.eval()
+            for start in range(0, len(rows), chunk):
+                out = unwrapped.policy.generate(input_ids=batch["input_ids"][start:start + chunk],
+                                                attention_mask=batch["attention_mask"][start:start + chunk],
+                                                generation_config=generation_config)
+                reply = out[:, context_length:]
+                pad = torch.full((len(reply), args.response_length - reply.shape[1]), tokenizer.pad_token_id,
+                                 dtype=reply.dtype, device=reply.device)
+                responses.append(torch.cat([reply, pad], dim=1))
+            responses = torch.cat(responses)
+            # Everything after the first end-of-turn token is padding; the stop token itself is kept.
+            is_stop = torch.isin(responses, torch.tensor(self.stop_ids, device=responses.device))
+            stop_at = first_true_index(is_stop)
+            positions = torch.arange(responses.shape[1], device=responses.device).expand_as(responses)
+            mask = (positions <= stop_at.unsqueeze(1)).float()
+            responses = torch.where(mask.bool(), responses, tokenizer.pad_token_id)
+            ended = stop_at < responses.shape[1]
+            # Columns where every reply has ended carry no tokens: drop them (replies are mostly short).
+            response_length = int(mask.sum(dim=1).max().item())
+            responses, mask = responses[:, :response_length], mask[:, :response_length]
+
+            sequences = torch.cat([batch["input_ids"], responses], dim=1)
+            attention = torch.cat([batch["attention_mask"], mask.long()], dim=1)
+            logprobs, ref_logprobs, values = [], [], []
+            for start in range(0, len(rows), chunk):
+                part = slice(start, start + chunk)
+                ids, att = sequences[part], attention[part]
+                pos = _positions(att)
+                logits, value = unwrapped(ids, att, pos, response_length)
+                logprobs.append(_reply_logprobs(logits, responses[part], args.temperature)[0])
+                values.append(value)
+                if self.uses_adapter:
+                    with unwrapped.policy.disable_adapter():
+                        ref_logits = _reference_logits(unwrapped.policy, ids, att, pos, response_length)
+                else:
+                    ref_logits = _reference_logits(self.ref_model, ids, att, pos, response_length)
+                ref_logprobs.append(_reply_logprobs(ref_logits, responses[part], args.temperature)[0])
+            unwrapped.train()
+
+        texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+        texts = [t.strip() for t in texts]
+        prompts = [r["prompt"] for r in rows]
+        completions = [[{"role": "assistant", "content": t}] for t in texts]
+        columns = {k: [r[k] for r in rows] for k in rows[0] if k != "prompt"}
+        scores = torch.zeros(len(rows), device=responses.device)
+        per_func = {}
+        for weight, func in zip(self.reward_weights, self.reward_funcs):
+            values_ = func(prompts=prompts, completions=completions, **columns)
+            values_ = torch.tensor([0.0 if v is None else float(v) for v in values_], device=scores.device)
+            per_func[getattr(func, "__name__", type(func).__name__)] = values_
+            scores = scores + weight * values_
+        if args.missing_eos_penalty is not None:
+            scores = scores - args.missing_eos_penalty * (~ended).float()
+        return {"sequences": sequences, "attention": attention, "responses": responses, "mask": mask,
+                "logprobs": torch.cat(logprobs), "ref_logprobs": torch.cat(ref_logprobs),
+                "values": torch.cat(values), "scores": scores, "per_func": per_func, "ended": ended.float(),
+                "texts": texts}
+
+    # ------------------------------------------------------------------ train
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        if resume_from_checkpoint:
+            raise UserError("PPO: resume_from_checkpoint is not supported; start from the saved policy instead")
+        args = self.args
+        self.state.max_steps = self.num_updates
+        self.state.logging_steps = args.logging_steps
+        model, _ = self._prepare_for_training(self.num_updates, None, None)
+        self.model_wrapped = model
+        self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
+        batches = self._prompt_batches()
+        started = time.time()
+        for update in range(1, self.num_updates + 1):
+            batch, rows = next(batches)
+            rollout = self._rollout(batch, rows)
+            mask = rollout["mask"]
+            with torch.no_grad():
+                rewards, kl = kl_shaped_rewards(rollout["scores"], rollout["logprobs"], rollout["ref_logprobs"],
+                                                mask, self.kl_controller.value)
+                if args.whiten_rewards:
+                    rewards = masked_whiten(rewards, mask, shift_mean=False)
+                advantages, returns = compute_gae(rewards, rollout["values"], mask, args.gamma, args.lam)
+                advantages = masked_whiten(advantages, mask)
+            stats = self._ppo_epochs(model, rollout, advantages, returns)
+
+            kl_per_sequence = kl.sum(dim=1)
+            self.kl_controller.update(self._mean(kl_per_sequence), self.rollout_batch_size * self.world_size)
+            self.state.global_step = update
+            self.state.epoch = update * self.rollout_batch_size * self.world_size / len(self.train_dataset)
+            self.lr_scheduler.step()
+            if update % args.logging_steps == 0 or update in (1, self.num_updates):
+                non_score = -self.kl_controller.value * kl_per_sequence
+                per_func = {f"rewards/{name}/mean": self._mean(v) for name, v in rollout["per_func"].items()}
+                self.log({
+                    "reward": per_func.get("rewards/reward_model/mean", self._mean(rollout["scores"])), **per_func,
+                    "score": self._mean(rollout["scores"]),
+                    "kl": self._mean(kl_per_sequence), "objective/rlhf_reward": self._mean(rollout["scores"] + non_score),
+                    "objective/non_score_reward": self._mean(non_score),
+                    "entropy": stats["entropy"], "loss/policy": stats["loss/policy"], "loss/value": stats["loss/value"],
+                    "clipfrac": stats["clipfrac"], "clipfrac/value": stats["clipfrac/value"],
+                    "approxkl": stats["approxkl"], "ratio": stats["ratio"],
+                    "response_length": self._mean(mask.sum(dim=1)), "eos_rate": self._mean(rollout["ended"]),
+                    "kl_coef": self.kl_controller.value, "learning_rate": self.lr_scheduler.get_last_lr()[0],
+                    "episode": update * self.rollout_batch_size * self.world_size,
+                    "elapsed_s": round(time.time() - started, 1)})
+            self.control = self.callback_handler.on_step_end(args, self.state, self.control)
+        self.control = self.callback_handler.on_train_end(args, self.state, self.control)
+        return self.state
+
+    def _ppo_epochs(self, model, rollout: dict, advantages: torch.Tensor, returns: torch.Tensor) -> dict:
+        args = self.args
+        mask = rollout["mask"]
+        sums: dict[str, float] = {}
+        count = 0
+        for _ in range(args.num_ppo_epochs):
+            order = torch.randperm(self.rollout_batch_size)
+            for mini_start in range(0, self.rollout_batch_size, self.mini_batch_size):
+                mini = order[mini_start:mini_start + self.mini_batch_size]
+                micro_batches = mini.split(args.per_device_train_batch_size)
+                for i, micro in enumerate(micro_batches):
+                    last = i == len(micro_batches) - 1
+                    self.accelerator.gradient_state._set_sync_gradients(last)
+                    ids, att = rollout["sequences"][micro], rollout["attention"][micro]
+                    reply_logits, new_values = model(ids, att, _positions(att), mask.shape[1])
+                    new_logprobs, reply_logits = _reply_logprobs(reply_logits, rollout["responses"][micro],
+                                                                 args.temperature)
+                    m = mask[micro]
+                    pg_loss, pg_stats = clipped_policy_loss(new_logprobs, rollout["logprobs"][micro],
+                                                            advantages[micro], m, args.cliprange)
+                    vf_loss, vf_clipfrac = clipped_value_loss(new_values, rollout["values"][micro], returns[micro],
+                                                              m, args.cliprange_value)
+                    loss = (pg_loss + args.vf_coef * vf_loss) / len(micro_batches)
+                    backward_kwargs = {"scale_wrt_gas": False} if self.is_deepspeed_enabled else {}
+                    self.accelerator.backward(loss, **backward_kwargs)
+                    if last:
+                        if args.max_grad_norm and args.max_grad_norm > 0:
+                            self.accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                        self.optimizer.step()
+                        model.zero_grad()
+                    with torch.no_grad():
+                        from trl.trainer.utils import entropy_from_logits
+
+                        step_stats = {"loss/policy": pg_loss, "loss/value": vf_loss, "clipfrac/value": vf_clipfrac,
+                                      "entropy": masked_mean(entropy_from_logits(reply_logits), m), **pg_stats}
+                    for key, value in step_stats.items():
+                        sums[key] = sums.get(key, 0.0) + float(value.detach())
+                    count += 1
+        return {key: self._mean(torch.tensor(total / count, device=self.accelerator.device))
+                for key, total in sums.items()}
+
+    def _mean(self, values: torch.Tensor) -> float:
+        """Mean over every process's values."""
+        values = values.detach().float().reshape(-1).to(self.accelerator.device)
+        return self.accelerator.gather(values).mean().item()
+
+    # ------------------------------------------------------------------ save
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Save the policy alone (a PEFT policy saves its adapter). Every process must call this:
+        under ZeRO-3 the full weights are gathered here."""
+        output_dir = output_dir or self.args.output_dir
+        state_dict = self.accelerator.get_state_dict(self.model_wrapped)
+        if self.accelerator.is_main_process:
+            policy = self.accelerator.unwrap_model(self.model_wrapped).policy
+            prefix = "policy."
+            policy_state = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+            policy.save_pretrained(output_dir, state_dict=policy_state, safe_serialization=True)
+            self.processing_class.save_pretrained(output_dir)
+        self.accelerator.wait_for_everyone()

@@ -1,0 +1,279 @@
+"""The TRL RL recipes (GRPO, RLOO, DPO) on tiny fixtures, the shared reward functions, prompts and KL,
+and their one-line errors."""
+
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from conftest import REPO_ROOT
+from data_prep.artifacts import UserError
+from data_prep.chat_tasks import REFUSAL
+from recipes.rl import dpo, grpo, rloo
+from recipes.rl.prompts import load_prompts, prompt_row, to_prompt_dataset, truncate_prompts
+from recipes.rl.rewards import RewardModelScorer, correctness_reward
+
+ONLINE = {"grpo": grpo, "rloo": rloo}
+USER = [{"role": "user", "content": "What is 2 + 3?"}]
+
+
+# ----------------------------------------------------------------------------- rewards
+def test_correctness_reward_by_hand():
+    prompts = [USER] * 6
+    replies = ["5", " 5 ", "6", "I can't help with that.", "Sure, here is how.", "anything"]
+    tasks = ["arithmetic", "arithmetic", "arithmetic", "safety", "safety", "chat"]
+    answers = ["5", "5", "5", REFUSAL, REFUSAL, None]
+    expected = [1.0, 1.0, 0.0, 1.0, 0.0, None]
+    conversational = [[{"role": "assistant", "content": r}] for r in replies]
+    assert correctness_reward(prompts, conversational, task=tasks, answer=answers) == expected
+    assert correctness_reward(prompts, replies, task=tasks, answer=answers) == expected
+    # a benign look-alike must get its own answer; a refusal is wrong there
+    assert correctness_reward([USER], ["I can't help with that."], task=["safety"],
+                              answer=["Use os.kill(pid, signal.SIGTERM)."]) == [0.0]
+    assert correctness_reward([USER], ["5"]) == [None]  # a prompt set without task/answer columns
+
+
+def test_reward_model_scorer_gives_score_conversations_figures(tiny_reward):
+    from recipes.eval.reward_scores import score_conversations
+
+    scorer = RewardModelScorer(str(tiny_reward), batch_size=2)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_reward)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_reward)
+    prompts = [USER, [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Sort: 3 1 2"}],
+               USER]
+    replies = ["5", "1 2 3", "I can't help with that."]
+    expected = score_conversations(model, tokenizer, [p + [{"role": "assistant", "content": r}]
+                                                      for p, r in zip(prompts, replies)])
+    as_trl = scorer(prompts=prompts, completions=[[{"role": "assistant", "content": r}] for r in replies])
+    assert as_trl == pytest.approx(expected, abs=1e-5)
+    assert scorer(prompts=prompts, completions=replies) == pytest.approx(expected, abs=1e-5)
+    assert scorer.score(prompts, replies) == pytest.approx(expected, abs=1e-5)
+    assert scorer.__name__ == "reward_model" and len(set(round(x, 4) for x in expected)) > 1
+
+    scorer.score_conversations = lambda conversations: [float("nan")] * len(conversations)
+    with pytest.raises(UserError, match="non-finite reward nan at step 7, batch item 0"):
+        scorer(prompts=prompts, completions=replies, trainer_state=SimpleNamespace(global_step=7))
+
+
+# ----------------------------------------------------------------------------- prompts
+def test_prompts_are_messages_without_the_final_assistant_turn(tiny_chat_data):
+    from datasets import load_from_disk
+
+    inputs, train, test = load_prompts(str(tiny_chat_data["sft"]), "rl_prompts", "test")
+    raw = load_from_disk(str(tiny_chat_data["sft"]))
+    assert len(train) == len(raw["rl_prompts"]) and len(test) == len(raw["test"])
+    assert inputs["dataset_fingerprint"] == json.loads((tiny_chat_data["sft"] / "manifest.json").read_text())["fingerprint"]
+    for row, original in zip(train, raw["rl_prompts"]):
+        assert row["prompt"] == original["messages"][:-1] and row["prompt"][-1]["role"] == "user"
+        assert (row["task"], row["answer"], row["safety_label"]) == (original["task"], original["answer"],
+                                                                      original["safety_label"])
+    # Hub shapes: a prompt column (string or messages) or a messages column
+    assert prompt_row({"prompt": "Tell me a joke."}) == {"prompt": "Tell me a joke.", "task": "chat", "answer": None,
+                                                         "safety_label": ""}
+    row = prompt_row({"messages": USER + [{"role": "assistant", "content": "5"}]})
+    assert row["prompt"] == USER and row["answer"] == "5"
+
+
+def test_bad_prompts_stop_with_one_line(tiny_chat_data, tmp_path):
+    from datasets import Dataset
+
+    with pytest.raises(UserError, match=r"no split 'nope' \(has train, test, preference_prompts, rl_prompts\)"):
+        load_prompts(str(tiny_chat_data["sft"]), "nope", "test")
+    with pytest.raises(UserError, match="dataset directory not found"):
+        load_prompts(str(tmp_path / "missing"), "rl_prompts", "test")
+    with pytest.raises(UserError, match="exactly one of dataset_path"):
+        load_prompts(str(tiny_chat_data["sft"]), "rl_prompts", "test", dataset_name="trl-lib/ultrafeedback-prompt")
+    rows = Dataset.from_list([{"prompt": "fine"}, {"text": "no prompt here"}])
+    with pytest.raises(UserError) as err:
+        to_prompt_dataset(rows, "hub[train]")
+    assert str(err.value) == "hub[train]: row 1: missing field 'prompt' (or 'messages')"
+
+
+def test_long_prompts_lose_their_oldest_turns_and_are_counted(tiny_sft):
+    from datasets import Dataset
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_sft)
+    long = [{"role": "system", "content": "Answer briefly."}]
+    for i in range(6):
+        long += [{"role": "user", "content": f"What is {i} + 1?"}, {"role": "assistant", "content": str(i + 1)}]
+    long += [{"role": "user", "content": "Sort these numbers: 3 1 2"}]
+    data = Dataset.from_list([{"prompt": USER}, {"prompt": long}])
+    out, count = truncate_prompts(data, tokenizer, 40)
+    assert count == 1 and out[0]["prompt"] == USER
+    kept = out[1]["prompt"]
+    assert kept[0] == long[0] and kept[-1] == long[-1] and len(kept) < len(long) and kept[1]["role"] == "user"
+    rendered = tokenizer.apply_chat_template(kept, tokenize=True, add_generation_prompt=True, return_dict=True)
+    assert len(rendered["input_ids"]) <= 40
+
+
+# ----------------------------------------------------------------------------- KL
+def test_sequence_kl_is_zero_to_itself_positive_when_moved_and_ignores_padding(tiny_sft):
+    from recipes.rl.kl import kl_report, sample_responses, sequence_kl, token_logprobs
+
+    policy = AutoModelForCausalLM.from_pretrained(tiny_sft)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_sft)
+    prompts = [USER, [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Sort: 3 1 2 9"}]]
+    assert kl_report(policy, tokenizer, prompts, reference=policy, max_new_tokens=6)["kl_per_sequence"] == 0.0
+
+    ids, attention, response_mask, order = next(sample_responses(policy, tokenizer, prompts, 6, batch_size=2))
+    # a left-padded row scores its tokens exactly as it does alone
+    with torch.inference_mode():
+        padded = token_logprobs(policy, ids, attention)
+        for row in range(2):
+            keep = attention[row].bool()
+            alone = token_logprobs(policy, ids[row:row + 1, keep], attention[row:row + 1, keep])
+            scored = keep[1:] & keep[:-1]  # the token and the one before it are real
+            assert torch.allclose(padded[row, scored], alone[0], atol=1e-4)
+    moved = AutoModelForCausalLM.from_pretrained(tiny_sft)
+    with torch.no_grad():
+        moved.lm_head.weight.add_(0.5 * torch.randn_like(moved.lm_head.weight))
+    # by hand: the sum over response tokens of log pi - log pi_ref
+    with torch.inference_mode():
+        by_hand = ((token_logprobs(moved, ids, attention) - token_logprobs(policy, ids, attention))
+                   * response_mask[:, 1:]).sum(-1)
+    assert torch.allclose(sequence_kl(moved, policy, ids, attention, response_mask), by_hand)
+    assert kl_report(moved, tokenizer, prompts * 8, reference=policy, max_new_tokens=6)["kl_per_sequence"] > 0
+
+
+# ----------------------------------------------------------------------------- recipes
+def test_policy_generation_stops_at_the_end_of_turn(tiny_sft):
+    from trl import ModelConfig
+
+    from recipes.rl.common import load_policy
+
+    model, tokenizer, parent = load_policy(ModelConfig(model_name_or_path=str(tiny_sft), dtype="float32"))
+    stops = set(model.generation_config.eos_token_id)
+    assert {tokenizer.convert_tokens_to_ids("<|end|>"), tokenizer.convert_tokens_to_ids("<|end_of_text|>")} <= stops
+    assert parent["stage"] == "sft"
+
+
+def online_argv(method, tiny_sft, tiny_reward, chat_data, output_dir, *extra):
+    return ["--config", str(REPO_ROOT / f"recipes/rl/{method}_tiny.yaml"), "--model_name_or_path", str(tiny_sft),
+            "--reward_model_path", str(tiny_reward), "--dataset_path", str(chat_data["sft"]),
+            "--output_dir", str(output_dir), "--max_steps", "2", "--per_device_train_batch_size", "8",
+            "--num_generations", "4", "--max_completion_length", "8", "--logging_steps", "1",
+            "--eval_max_samples", "8", "--eval_max_new_tokens", "8", "--disable_tqdm", "true", *extra]
+
+
+def dpo_argv(tiny_sft, tiny_reward, chat_data, output_dir, *extra):
+    return ["--config", str(REPO_ROOT / "recipes/rl/dpo_tiny.yaml"), "--model_name_or_path", str(tiny_sft),
+            "--reward_model_path", str(tiny_reward), "--dataset_path", str(chat_data["preference"]),
+            "--prompts_path", str(chat_data["sft"]), "--output_dir", str(output_dir), "--max_steps", "2",
+            "--per_device_train_batch_size", "4", "--logging_steps", "1", "--eval_max_samples", "8",
+            "--eval_max_new_tokens", "8", "--disable_tqdm", "true", *extra]
+
+
+def run(module, argv):
+    return module.main(*module.parse_args(argv))
+
+
+def check_output(out, metrics, stage, parent):
+    assert math.isfinite(metrics["train_loss"]) and metrics["steps"] == 2
+    for when in ("before", "after"):
+        result = metrics[when]
+        assert result["n"] == 8 and 0 <= result["exact_match"] <= 1 and math.isfinite(result["mean_reward"])
+    assert metrics["before"]["kl_per_sequence"] == 0.0 and math.isfinite(metrics["after"]["kl_per_sequence"])
+    assert json.loads((out / "metrics.json").read_text())["after"]["exact_match"] == metrics["after"]["exact_match"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stage"] == stage and manifest["inputs"]["model"] == str(parent)
+    assert manifest["inputs"]["model_fingerprint"] == json.loads((parent / "manifest.json").read_text())["fingerprint"]
+    assert manifest["inputs"]["dataset_fingerprint"] and "after_kl_per_sequence" in manifest["outputs"]
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert any("loss" in h for h in state["log_history"])
+    png = (out / "rl_curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    assert "rl_curves.png" in (out / "README.md").read_text()
+
+
+@pytest.mark.parametrize("method", ["grpo", "rloo"])
+def test_online_recipe_trains_saves_and_reports(method, tiny_sft, tiny_reward, tiny_chat_data, tmp_path):
+    out = tmp_path / method
+    metrics = run(ONLINE[method], online_argv(method, tiny_sft, tiny_reward, tiny_chat_data, out))
+    check_output(out, metrics, method, tiny_sft)
+    state = json.loads((out / "trainer_state.json").read_text())
+    logged = [h for h in state["log_history"] if "reward" in h]
+    assert len(logged) == 2 and all(math.isfinite(h["reward"]) for h in logged)
+    # both rewards were used: the reward model and the rule-based one
+    assert all("rewards/reward_model/mean" in h and "rewards/correctness_reward/mean" in h for h in logged)
+    assert all("kl" in h for h in logged)  # beta > 0: a reference model was used
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert (out / "model.safetensors").is_file() and model.config.vocab_size > 0
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer.eos_token == "<|end|>"
+
+
+def test_lora_grpo_saves_an_adapter_that_reloads(tiny_sft, tiny_reward, tiny_chat_data, tmp_path):
+    from recipes.common import load_pretrained
+
+    out = tmp_path / "lora"
+    metrics = run(grpo, online_argv("grpo", tiny_sft, tiny_reward, tiny_chat_data, out, "--use_peft", "true",
+                                    "--lora_r", "4", "--lora_target_modules", "q_proj", "v_proj",
+                                    "--learning_rate", "0.05"))
+    assert metrics["trainable_params"] < metrics["total_params"]
+    assert (out / "adapter_model.safetensors").is_file() and not (out / "model.safetensors").exists()
+    model, _, _ = load_pretrained(str(out), AutoModelForCausalLM)
+    assert type(model).__name__ == "PeftModelForCausalLM"
+    # the adapter moved the policy away from its reference, the SFT model (a sampled estimate: its sign may vary)
+    assert metrics["after"]["kl_per_sequence"] != 0.0
+
+
+def test_dpo_recipe_trains_saves_and_reports(tiny_sft, tiny_reward, tiny_chat_data, tmp_path):
+    out = tmp_path / "dpo"
+    metrics = run(dpo, dpo_argv(tiny_sft, tiny_reward, tiny_chat_data, out))
+    check_output(out, metrics, "dpo", tiny_sft)
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert any("rewards/margins" in h for h in state["log_history"])
+    assert (out / "model.safetensors").is_file()
+    AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_bad_inputs_stop_with_one_line(tiny_sft, tiny_reward, tiny_chat_data, tmp_path):
+    cases = [
+        (grpo, online_argv("grpo", tiny_sft, tiny_reward, tiny_chat_data, tmp_path / "a", "--dataset_train_split",
+                           "nope"), "no split 'nope'"),
+        (rloo, online_argv("rloo", tiny_sft, tmp_path / "no_rm", tiny_chat_data, tmp_path / "b"),
+         "not a model checkpoint|model directory not found"),
+        (grpo, online_argv("grpo", tiny_sft, "outputs/no_such_reward_model", tiny_chat_data, tmp_path / "c"),
+         "model directory not found: outputs/no_such_reward_model"),
+        (grpo, online_argv("grpo", tiny_sft, tiny_reward, tiny_chat_data, tmp_path / "d", "--reward_weights", "1.0"),
+         r"reward_weights has 1 value\(s\) for 2 reward function\(s\) \(reward_model, correctness_reward\)"),
+        (dpo, dpo_argv(tiny_sft, tiny_reward, tiny_chat_data, tmp_path / "e", "--dataset_test_split", "nope"),
+         "no split 'nope'"),
+        (dpo, dpo_argv(tiny_sft, tmp_path / "gone", tiny_chat_data, tmp_path / "f"), "model directory not found"),
+    ]
+    (tmp_path / "no_rm").mkdir()
+    for module, argv, needle in cases:
+        with pytest.raises(UserError, match=needle) as err:
+            run(module, argv)
+        assert "\n" not in str(err.value)
+    for name in "abcdef":
+        assert not (tmp_path / name / "manifest.json").exists()
+
+
+# ----------------------------------------------------------------------------- YAMLs
+RL_YAMLS = sorted(p for p in (REPO_ROOT / "recipes/rl").glob("*.yaml") if p.name.split("_")[0] in ("grpo", "rloo", "dpo"))
+
+
+@pytest.mark.parametrize("path", RL_YAMLS, ids=lambda p: p.name)
+def test_rl_yaml_parses_and_sets_beta_explicitly(path):
+    import yaml
+
+    from recipes.peft_methods import build_peft_config
+
+    module = {"grpo": grpo, "rloo": rloo, "dpo": dpo}[path.name.split("_")[0]]
+    script_args, training_args, model_args, peft_args = module.parse_args(["--config", str(path), "--bf16", "false"])
+    raw = yaml.safe_load(path.read_text())
+    assert "beta" in raw, "beta (the KL weight) is set in every RL YAML, not left to TRL's default"
+    assert training_args.report_to in ([], "none", ["none"]) and not training_args.push_to_hub
+    assert training_args.output_dir.startswith("outputs/") and training_args.lr_scheduler_type == "cosine"
+    assert (build_peft_config(model_args, peft_args) is None) == (not model_args.use_peft)
+    if module is not dpo and training_args.reward_weights is not None:
+        assert len(training_args.reward_weights) == bool(script_args.reward_model_path) + script_args.correctness_reward
+    if path.name.endswith("_tiny.yaml"):
+        assert model_args.model_name_or_path == "outputs/sft_tiny" and not training_args.activation_checkpointing
+        assert script_args.reward_model_path == "outputs/reward_tiny"
