@@ -34,6 +34,11 @@ KEY_FIGURES = {
     "reward": lambda o: (f"held-out pairwise accuracy {o['pairwise_before_accuracy']:.1%} -> "
                          f"{o['pairwise_after_accuracy']:.1%}, " if "pairwise_after_accuracy" in o else "") + (
                          f"{o['steps']} steps, {o.get('wall_time_s', 0):.0f} s"),
+    **{stage: (lambda o: (f"held-out reward {o['before_mean_reward']:.3f} -> {o['after_mean_reward']:.3f}, exact match "
+                          f"{o['before_exact_match']:.1%} -> {o['after_exact_match']:.1%}, KL "
+                          f"{o['after_kl_per_sequence']:.2f} nats/sequence, " if "after_exact_match" in o else "")
+               + f"{o.get('wall_time_s', 0):.0f} s")
+       for stage in ("ppo", "grpo", "rloo", "dpo")},
 }
 
 
