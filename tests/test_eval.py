@@ -194,7 +194,8 @@ def test_bad_inputs_stop_with_one_line(tiny_pretrained, tiny_data, tmp_path):
     no_config = tmp_path / "no_config"
     no_config.mkdir()
     with pytest.raises(UserError) as err:
-        run_eval(eval_argv(no_config, tmp_path / "a", "--metrics", "perplexity"))
+        run_eval(eval_argv(no_config, tmp_path / "a", "--metrics", "perplexity", "--text_dataset_path",
+                           str(tiny_data["corpus"])))
     one_line(err, str(no_config), "config.json")
 
     adapter = tmp_path / "orphan_adapter"
@@ -202,7 +203,8 @@ def test_bad_inputs_stop_with_one_line(tiny_pretrained, tiny_data, tmp_path):
     (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(tmp_path / "gone"),
                                                              "peft_type": "LORA"}))
     with pytest.raises(UserError) as err:
-        run_eval(eval_argv(adapter, tmp_path / "b", "--metrics", "perplexity"))
+        run_eval(eval_argv(adapter, tmp_path / "b", "--metrics", "perplexity", "--text_dataset_path",
+                           str(tiny_data["corpus"])))
     one_line(err, str(adapter), "base model", "missing")
 
     config = tmp_path / "typo.yaml"
