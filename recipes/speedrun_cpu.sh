@@ -2,7 +2,7 @@
 # The embedded-default chain on a CPU, from a fresh clone: install, build the corpus from the
 # Python standard library, train the tokenizer, pack, pretrain the tiny model, fine-tune it on
 # generated chat tasks (SFT), train a reward model from it, improve the SFT policy with PPO against
-# it, evaluate the checkpoints and render the report, summarise.
+# it, evaluate the three checkpoints and render the report, summarise.
 #
 #   bash recipes/speedrun_cpu.sh            # everything lands in outputs/
 #
@@ -43,8 +43,10 @@ echo "(the other RL methods on the same inputs:"
 echo "  accelerate launch --config_file accelerate_configs/cpu.yaml recipes/rl/grpo.py --config recipes/rl/grpo_tiny.yaml"
 echo "  accelerate launch --config_file accelerate_configs/cpu.yaml recipes/rl/rloo.py --config recipes/rl/rloo_tiny.yaml"
 echo "  accelerate launch --config_file accelerate_configs/cpu.yaml recipes/rl/dpo.py --config recipes/rl/dpo_tiny.yaml)"
-step "10/11 evaluation (SFT and PPO checkpoints)"
+step "10/11 evaluation (pretrained, SFT and PPO checkpoints)"
 python -m data_prep.build_mc_benchmark --output_dir outputs/mc_benchmark
+python recipes/eval/eval.py --config recipes/eval/tiny.yaml --model_name_or_path outputs/pretrain_tiny \
+    --metrics perplexity bleu_rouge exact_match lm_eval safety --output_dir outputs/eval_pretrain_tiny
 python recipes/eval/eval.py --config recipes/eval/tiny.yaml
 python recipes/eval/eval.py --config recipes/eval/tiny.yaml --model_name_or_path outputs/ppo_tiny \
     --compare_model_name_or_path outputs/sft_tiny --output_dir outputs/eval_ppo_tiny
