@@ -193,3 +193,22 @@ def test_ppo_yaml_parses_and_sets_the_kl_coefficient(path):
     assert (build_peft_config(model_args, peft_args) is None) == (not model_args.use_peft)
     if training_args.reward_weights is not None:
         assert len(training_args.reward_weights) == 1 + script_args.correctness_reward
+
+
+def test_iteration_benchmark_times_each_phase_of_ppo_and_grpo(tiny_sft, tiny_reward, tiny_chat_data, tmp_path):
+    from recipes.rl import benchmark
+
+    out = tmp_path / "bench.json"
+    result = benchmark.main(["--policy", str(tiny_sft), "--reward_model", str(tiny_reward), "--dataset_path",
+                             str(tiny_chat_data["sft"]), "--iterations", "2", "--replies", "8",
+                             "--response_length", "8", "--output_json", str(out)])
+    assert json.loads(out.read_text())["ratio"] == pytest.approx(result["ratio"])
+    for method in ("ppo", "grpo"):
+        assert len(result["iterations"][method]) == 2  # one timing per optimizer iteration, none lost or doubled
+        for iteration in result["iterations"][method]:
+            assert set(iteration) == {"generate", "score", "train"} and min(iteration.values()) > 0
+        seconds = result["seconds"][method]
+        assert seconds["total"] == pytest.approx(seconds["generate"] + seconds["score"] + seconds["train"])
+    assert result["ratio"]["total"] == pytest.approx(result["seconds"]["ppo"]["total"] / result["seconds"]["grpo"]["total"])
+    with pytest.raises(benchmark.UserError, match="--replies 6: must be even"):
+        benchmark.main(["--replies", "6", "--num_generations", "4"])

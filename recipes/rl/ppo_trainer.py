@@ -266,6 +266,7 @@ class PPOTrainer(Trainer):
 
         self.stop_ids = stop_token_ids(processing_class)
         self.world_size = self.accelerator.num_processes
+        self.iteration_times: list[dict] = []  # seconds per update: generate, score, train
         self.mini_batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps
         self.rollout_batch_size = self.mini_batch_size * args.num_mini_batches  # per process
         episodes = args.total_episodes or int(args.num_train_epochs * len(train_dataset))
@@ -294,9 +295,12 @@ class PPOTrainer(Trainer):
     # ------------------------------------------------------------------ rollout
     @torch.no_grad()
     def _rollout(self, batch, rows) -> dict:
+        """Sample one reply per prompt, then score it: policy and reference log-probs, values, rewards.
+        The seconds spent in each half go to `self.iteration_times` (see recipes/rl/benchmark.py)."""
         from trl.models.utils import unwrap_model_for_generation
 
         args, tokenizer = self.args, self.processing_class
+        started = time.perf_counter()
         context_length = batch["input_ids"].shape[1]
         generation_config = GenerationConfig(
             max_new_tokens=args.response_length, do_sample=True, temperature=args.temperature, top_p=args.top_p,
@@ -325,6 +329,7 @@ class PPOTrainer(Trainer):
             response_length = int(mask.sum(dim=1).max().item())
             responses, mask = responses[:, :response_length], mask[:, :response_length]
 
+            generated = time.perf_counter()
             sequences = torch.cat([batch["input_ids"], responses], dim=1)
             attention = torch.cat([batch["attention_mask"], mask.long()], dim=1)
             logprobs, ref_logprobs, values = [], [], []
@@ -357,6 +362,7 @@ class PPOTrainer(Trainer):
             scores = scores + weight * values_
         if args.missing_eos_penalty is not None:
             scores = scores - args.missing_eos_penalty * (~ended).float()
+        self.iteration_times.append({"generate": generated - started, "score": time.perf_counter() - generated})
         return {"sequences": sequences, "attention": attention, "responses": responses, "mask": mask,
                 "logprobs": torch.cat(logprobs), "ref_logprobs": torch.cat(ref_logprobs),
                 "values": torch.cat(values), "scores": scores, "per_func": per_func, "ended": ended.float(),
@@ -385,7 +391,10 @@ class PPOTrainer(Trainer):
                     rewards = masked_whiten(rewards, mask, shift_mean=False)
                 advantages, returns = compute_gae(rewards, rollout["values"], mask, args.gamma, args.lam)
                 advantages = masked_whiten(advantages, mask)
+            optimize_started = time.perf_counter()
             stats = self._ppo_epochs(model, rollout, advantages, returns)
+            timing = self.iteration_times[-1]
+            timing["train"] = time.perf_counter() - optimize_started
 
             kl_per_sequence = kl.sum(dim=1)
             self.kl_controller.update(self._mean(kl_per_sequence), self.rollout_batch_size * self.world_size)
@@ -406,6 +415,7 @@ class PPOTrainer(Trainer):
                     "response_length": self._mean(mask.sum(dim=1)), "eos_rate": self._mean(rollout["ended"]),
                     "kl_coef": self.kl_controller.value, "learning_rate": self.lr_scheduler.get_last_lr()[0],
                     "episode": update * self.rollout_batch_size * self.world_size,
+                    **{f"time/{phase}_s": round(seconds, 3) for phase, seconds in timing.items()},
                     "elapsed_s": round(time.time() - started, 1)})
             self.control = self.callback_handler.on_step_end(args, self.state, self.control)
         self.control = self.callback_handler.on_train_end(args, self.state, self.control)
