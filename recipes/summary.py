@@ -39,7 +39,20 @@ KEY_FIGURES = {
                           f"{o['after_kl_per_sequence']:.2f} nats/sequence, " if "after_exact_match" in o else "")
                + f"{o.get('wall_time_s', 0):.0f} s")
        for stage in ("ppo", "grpo", "rloo", "dpo")},
+    "mc_benchmark": lambda o: ", ".join(f"{task} {o[task]['questions']} questions" for task in sorted(o)),
+    "eval": lambda o: _eval_figures(o),
+    "report": lambda o: f"{o['model_rows']} checkpoints in the metric table, {len(o['figures'])} figures, report.html",
 }
+
+# Headline metrics of an eval output, in this order, where present.
+EVAL_HEADLINES = (("perplexity_perplexity", "perplexity {:.1f}"), ("exact_match_exact_match", "exact match {:.1%}"),
+                  ("bleu_rouge_bleu", "BLEU {:.1f}"), ("lm_eval_arithmetic_units_mc_acc", "arithmetic_units_mc {:.3f}"),
+                  ("reward_accuracy_accuracy", "reward accuracy {:.1%}"), ("win_rate_win_rate", "win rate {:.2f}"),
+                  ("safety_refusal_rate", "refusal {:.2f}"))
+
+
+def _eval_figures(outputs: dict) -> str:
+    return ", ".join(text.format(outputs[key]) for key, text in EVAL_HEADLINES if key in outputs)
 
 
 def summarize(root: str | Path) -> list[tuple[str, str, str]]:
@@ -52,7 +65,11 @@ def summarize(root: str | Path) -> list[tuple[str, str, str]]:
             continue
         manifest = json.loads(manifest_path.read_text())
         describe = KEY_FIGURES.get(manifest["stage"], lambda o: "")
-        rows.append((manifest["stage"], str(directory), describe(manifest["outputs"])))
+        try:
+            figures = describe(manifest["outputs"])
+        except (KeyError, TypeError):  # a manifest from an older version of the stage: no figures, still listed
+            figures = ""
+        rows.append((manifest["stage"], str(directory), figures))
     return rows
 
 

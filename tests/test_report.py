@@ -301,3 +301,16 @@ def test_a_real_pretraining_output_reports_its_final_trainer_state(tiny_pretrain
     assert summary["stages"]["pretrain"]["figures"] == ["figures/pretrain_loss.png"]
     markdown = (tmp_path / "report" / "report.md").read_text()
     assert f"Curves from `{report._shown(tiny_pretrained / 'trainer_state.json')}`:" in markdown
+
+
+def test_summary_prints_a_line_for_the_report_and_eval_outputs(rendered):
+    from recipes import summary as stage_summary
+
+    outputs, out, _ = rendered
+    lines = {directory: figures for _, directory, figures in stage_summary.summarize(outputs)}
+    assert lines[str(out)] == f"{json.loads((out / 'manifest.json').read_text())['outputs']['model_rows']} " \
+                              "checkpoints in the metric table, 8 figures, report.html"
+    eval_outputs = {"perplexity_perplexity": 38.85, "exact_match_exact_match": 0.7167, "bleu_rouge_bleu": 88.5,
+                    "win_rate_win_rate": 0.77, "safety_refusal_rate": 1.0, "perplexity_tokens": 35518}
+    assert stage_summary.KEY_FIGURES["eval"](eval_outputs) == ("perplexity 38.9, exact match 71.7%, BLEU 88.5, "
+                                                               "win rate 0.77, refusal 1.00")
