@@ -176,6 +176,29 @@ def test_bad_inputs_stop_with_one_line(tiny_sft, tiny_reward, tiny_chat_data, tm
     assert not (tmp_path / "d" / "manifest.json").exists()
 
 
+def test_non_finite_rewards_stop_the_run_and_long_prompts_are_truncated(tiny_sft, tiny_reward, tiny_chat_data,
+                                                                        tmp_path, monkeypatch):
+    from data_prep.artifacts import UserError
+    from recipes.rl import rewards
+
+    metrics = run_ppo(ppo_argv(tiny_sft, tiny_reward, tiny_chat_data, tmp_path / "short", "--max_prompt_tokens", "24",
+                               "--total_episodes", "8", "--dataset_test_split", "none"))
+    assert metrics["prompts_truncated"] > 0  # counted and recorded in metrics.json
+    assert json.loads((tmp_path / "short" / "metrics.json").read_text())["prompts_truncated"] == metrics["prompts_truncated"]
+
+    def broken_correctness(prompts, completions, **kwargs):
+        return [1.0] * (len(completions) - 1) + [float("inf")]
+
+    monkeypatch.setattr(rewards, "correctness_reward", broken_correctness)
+    with pytest.raises(UserError, match=r"reward function broken_correctness: non-finite reward inf in update 1, "
+                                        r"batch item 7 \(reply '"):
+        run_ppo(ppo_argv(tiny_sft, tiny_reward, tiny_chat_data, tmp_path / "inf", "--dataset_test_split", "none"))
+    monkeypatch.setattr(rewards.RewardModelScorer, "score_conversations", lambda self, c: [float("nan")] * len(c))
+    with pytest.raises(UserError, match="reward model .*: non-finite reward nan at step 0, batch item 0"):
+        run_ppo(ppo_argv(tiny_sft, tiny_reward, tiny_chat_data, tmp_path / "nan", "--dataset_test_split", "none"))
+    assert not (tmp_path / "inf" / "manifest.json").exists() and not (tmp_path / "nan" / "manifest.json").exists()
+
+
 PPO_YAMLS = sorted((REPO_ROOT / "recipes/rl").glob("ppo_*.yaml"))
 
 

@@ -40,6 +40,8 @@ class ScriptArguments:
     dataset_train_split: str = field(default="rl_prompts")
     dataset_test_split: str | None = field(default="test", metadata={"help": "Held-out prompts; none to skip."})
     max_prompts: int | None = field(default=None, metadata={"help": "Use at most this many training prompts."})
+    max_prompt_tokens: int | None = field(default=None, metadata={
+        "help": "Longer prompts lose their oldest turns (then their first tokens); the count is reported."})
     reward_model_path: str = field(default="outputs/reward_tiny", metadata={"help": "Output of recipes/reward."})
     value_model_path: str | None = field(default=None, metadata={"help": "Critic's initial weights (default: the reward model)."})
     ref_model_path: str | None = field(default=None, metadata={"help": "Reference (default: the policy's start; unused with PEFT)."})
@@ -50,7 +52,7 @@ class ScriptArguments:
 def main(script_args, training_args, model_args, peft_args, callbacks=None) -> dict:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, set_seed
 
-    from recipes.rl.prompts import load_prompts
+    from recipes.rl.prompts import load_prompts, truncate_prompts
     from recipes.rl.ppo_trainer import PPOTrainer, refuse_zero3
     from recipes.rl.rewards import build_reward_funcs
 
@@ -68,6 +70,7 @@ def main(script_args, training_args, model_args, peft_args, callbacks=None) -> d
     policy_path = model_args.model_name_or_path
     trust = training_args.trust_remote_code
     policy, tokenizer, parent = load_pretrained(policy_path, AutoModelForCausalLM, trust_remote_code=trust)
+    train_prompts, truncated = truncate_prompts(train_prompts, tokenizer, script_args.max_prompt_tokens)
     value_path = script_args.value_model_path or script_args.reward_model_path
     value_model, _, _ = load_pretrained(value_path, AutoModelForSequenceClassification, trust_remote_code=trust,
                                         num_labels=1)
@@ -97,11 +100,13 @@ def main(script_args, training_args, model_args, peft_args, callbacks=None) -> d
     _log(trainer, f"{state.distributed_type.value}{f' ZeRO-{zero_stage}' if zero_stage else ''} on "
                   f"{trainer.world_size} process(es)")
     _log(trainer, f"policy {type(policy).__name__}: {trainable:,} of {total:,} parameters trainable; "
+                  f"{len(train_prompts)} prompts"
+                  f"{f' ({truncated} truncated to {script_args.max_prompt_tokens} tokens)' if truncated else ''}; "
                   f"{trainer.num_updates} updates of {trainer.rollout_batch_size * trainer.world_size} rollouts; "
                   f"reference: {'adapter disabled' if ref_model is None else script_args.ref_model_path or policy_path}")
 
     # ------------------------------------------------------------------ eval before
-    metrics: dict = {"trainable_params": trainable, "total_params": total}
+    metrics: dict = {"trainable_params": trainable, "total_params": total, "prompts_truncated": truncated}
     if test_prompts is not None and scorer is not None and trainer.is_world_process_zero():
         with no_zero3_init():
             start_policy, _, _ = load_pretrained(policy_path, AutoModelForCausalLM, trust_remote_code=trust)

@@ -31,6 +31,7 @@ from torch import nn
 from transformers import GenerationConfig, Trainer, TrainingArguments
 
 from data_prep.artifacts import UserError
+from recipes.rl.kl import position_ids_of
 
 
 @dataclass
@@ -200,10 +201,6 @@ class PolicyAndValueWrapper(nn.Module):
         return logits, values
 
 
-def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    return (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
-
-
 def _reply_logprobs(reply_logits: torch.Tensor, responses: torch.Tensor, temperature: float):
     """Log-probabilities of reply tokens under temperature-scaled logits (from the positions before them),
     and those logits."""
@@ -336,7 +333,7 @@ class PPOTrainer(Trainer):
             for start in range(0, len(rows), chunk):
                 part = slice(start, start + chunk)
                 ids, att = sequences[part], attention[part]
-                pos = _positions(att)
+                pos = position_ids_of(att)
                 logits, value = unwrapped(ids, att, pos, response_length)
                 logprobs.append(_reply_logprobs(logits, responses[part], args.temperature)[0])
                 values.append(value)
@@ -356,9 +353,14 @@ class PPOTrainer(Trainer):
         scores = torch.zeros(len(rows), device=responses.device)
         per_func = {}
         for weight, func in zip(self.reward_weights, self.reward_funcs):
-            values_ = func(prompts=prompts, completions=completions, **columns)
+            name = getattr(func, "__name__", type(func).__name__)
+            values_ = func(prompts=prompts, completions=completions, trainer_state=self.state, **columns)
             values_ = torch.tensor([0.0 if v is None else float(v) for v in values_], device=scores.device)
-            per_func[getattr(func, "__name__", type(func).__name__)] = values_
+            if not torch.isfinite(values_).all():
+                item = int((~torch.isfinite(values_)).nonzero()[0])
+                raise UserError(f"reward function {name}: non-finite reward {values_[item].item()} in update "
+                                f"{self.state.global_step + 1}, batch item {item} (reply {texts[item][:60]!r})")
+            per_func[name] = values_
             scores = scores + weight * values_
         if args.missing_eos_penalty is not None:
             scores = scores - args.missing_eos_penalty * (~ended).float()
@@ -435,7 +437,7 @@ class PPOTrainer(Trainer):
                     last = i == len(micro_batches) - 1
                     self.accelerator.gradient_state._set_sync_gradients(last)
                     ids, att = rollout["sequences"][micro], rollout["attention"][micro]
-                    reply_logits, new_values = model(ids, att, _positions(att), mask.shape[1])
+                    reply_logits, new_values = model(ids, att, position_ids_of(att), mask.shape[1])
                     new_logprobs, reply_logits = _reply_logprobs(reply_logits, rollout["responses"][micro],
                                                                  args.temperature)
                     m = mask[micro]
