@@ -67,6 +67,20 @@ def publish(staging_dir: str | Path, output_dir: str | Path) -> None:
     staging_dir.rmdir()
 
 
+def save_trained(trainer, train_result, trainable: int, total: int) -> tuple[Path, dict]:
+    """Save a Trainer's model and tokenizer into `<output_dir>/.final-tmp` and return that staging
+    directory with the run's standard metrics. Every rank must call this: ZeRO-3 gathers the full
+    weights here. The caller adds its files to the staging directory and then publishes it."""
+    staging = Path(trainer.args.output_dir) / ".final-tmp"
+    trainer.save_model(str(staging))
+    if trainer.is_world_process_zero():
+        trainer.processing_class.save_pretrained(str(staging))
+    metrics = {"train_loss": train_result.training_loss, "steps": trainer.state.global_step,
+               "trainable_params": trainable, "total_params": total,
+               "train_runtime_s": train_result.metrics.get("train_runtime")}
+    return staging, metrics
+
+
 def model_card(title: str, summary: str, sections: dict[str, dict | str], tags: list[str]) -> str:
     """A README.md with Hub front matter and one table per section. Never include tokens or keys."""
     lines = ["---", "library_name: transformers", "tags:", *[f"- {t}" for t in tags], "---", "", f"# {title}", "", summary, ""]

@@ -14,6 +14,17 @@ from pathlib import Path
 
 from data_prep.artifacts import MANIFEST_NAME
 
+# Headline metrics of an eval output, in this order, where present.
+EVAL_HEADLINES = (("perplexity_perplexity", "perplexity {:.1f}"), ("exact_match_exact_match", "exact match {:.1%}"),
+                  ("bleu_rouge_bleu", "BLEU {:.1f}"), ("lm_eval_arithmetic_units_mc_acc", "arithmetic_units_mc {:.3f}"),
+                  ("reward_accuracy_accuracy", "reward accuracy {:.1%}"), ("win_rate_win_rate", "win rate {:.2f}"),
+                  ("safety_refusal_rate", "refusal {:.2f}"))
+
+
+def _eval_figures(outputs: dict) -> str:
+    return ", ".join(text.format(outputs[key]) for key, text in EVAL_HEADLINES if key in outputs)
+
+
 KEY_FIGURES = {
     "corpus": lambda o: (f"train {o['train']['documents']} docs / {o['train']['bytes'] / 1e6:.2f} MB, "
                          f"validation {o['validation']['documents']} docs / {o['validation']['bytes'] / 1e6:.2f} MB"),
@@ -40,19 +51,10 @@ KEY_FIGURES = {
                + f"{o.get('wall_time_s', 0):.0f} s")
        for stage in ("ppo", "grpo", "rloo", "dpo")},
     "mc_benchmark": lambda o: ", ".join(f"{task} {o[task]['questions']} questions" for task in sorted(o)),
-    "eval": lambda o: _eval_figures(o),
+    "eval": _eval_figures,
     "report": lambda o: f"{o['model_rows']} checkpoints in the metric table, {len(o['figures'])} figures, report.html",
 }
 
-# Headline metrics of an eval output, in this order, where present.
-EVAL_HEADLINES = (("perplexity_perplexity", "perplexity {:.1f}"), ("exact_match_exact_match", "exact match {:.1%}"),
-                  ("bleu_rouge_bleu", "BLEU {:.1f}"), ("lm_eval_arithmetic_units_mc_acc", "arithmetic_units_mc {:.3f}"),
-                  ("reward_accuracy_accuracy", "reward accuracy {:.1%}"), ("win_rate_win_rate", "win rate {:.2f}"),
-                  ("safety_refusal_rate", "refusal {:.2f}"))
-
-
-def _eval_figures(outputs: dict) -> str:
-    return ", ".join(text.format(outputs[key]) for key, text in EVAL_HEADLINES if key in outputs)
 
 
 def summarize(root: str | Path) -> list[tuple[str, str, str]]:

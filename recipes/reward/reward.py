@@ -23,13 +23,12 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from trl import ModelConfig, RewardConfig
 
 from data_prep.artifacts import build_manifest, parse_config, run_cli, write_manifest
 from recipes.common import (load_pretrained, load_splits, mark_incomplete, model_card, no_zero3_init, publish,
-                            resolve_resume, training_summary, with_cpu_process_group)
+                            resolve_resume, save_trained, training_summary, with_cpu_process_group)
 from recipes.peft_methods import (PeftMethodArguments, build_peft_config, quantization_config, refuse_broken_combination,
                                   trainable_parameters)
 
@@ -81,14 +80,8 @@ def main(script_args, training_args, model_args, peft_args, callbacks=None) -> d
     train_result = trainer.train(resume_from_checkpoint=resume)
 
     # ------------------------------------------------------------------ save
-    staging = Path(training_args.output_dir) / ".final-tmp"
-    trainer.save_model(str(staging))  # every rank joins: ZeRO-3 gathers the full weights here
-    metrics = {"train_loss": train_result.training_loss, "steps": trainer.state.global_step,
-               "trainable_params": trainable, "total_params": total,
-               "train_runtime_s": train_result.metrics.get("train_runtime")}
+    staging, metrics = save_trained(trainer, train_result, trainable, total)  # every rank joins
     if trainer.is_world_process_zero():
-        trainer.processing_class.save_pretrained(str(staging))
-
         # -------------------------------------------------------------- eval
         # The untrained head (same seed) against the saved reward model, both reloaded on one process.
         if script_args.eval_pairwise_accuracy:

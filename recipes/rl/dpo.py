@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from trl import DPOConfig, ModelConfig
 
 from data_prep.artifacts import UserError, parse_config, run_cli
-from recipes.common import load_splits, mark_incomplete, resolve_resume, training_summary, with_cpu_process_group
+from recipes.common import (load_splits, mark_incomplete, resolve_resume, save_trained, training_summary,
+                            with_cpu_process_group)
 from recipes.peft_methods import PeftMethodArguments, build_peft_config, trainable_parameters
 from recipes.rl.common import evaluate_saved_policy, finish_run, load_policy, summary_line
 
@@ -96,14 +96,8 @@ def main(script_args, training_args, model_args, peft_args, callbacks=None) -> d
     train_result = trainer.train(resume_from_checkpoint=resume)
 
     # ------------------------------------------------------------------ save
-    staging = Path(training_args.output_dir) / ".final-tmp"
-    trainer.save_model(str(staging))  # every rank joins: ZeRO-3 gathers the full weights here
-    metrics = {"train_loss": train_result.training_loss, "steps": trainer.state.global_step,
-               "trainable_params": trainable, "total_params": total,
-               "train_runtime_s": train_result.metrics.get("train_runtime")}
+    staging, metrics = save_trained(trainer, train_result, trainable, total)  # every rank joins
     if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(str(staging))
-
         # -------------------------------------------------------------- eval
         if test_prompts is not None:
             if scorer is not None:

@@ -22,12 +22,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict
-from pathlib import Path
 
 from trl import GRPOConfig, ModelConfig
 
 from data_prep.artifacts import UserError, parse_config, run_cli
-from recipes.common import mark_incomplete, training_summary, with_cpu_process_group
+from recipes.common import mark_incomplete, save_trained, training_summary, with_cpu_process_group
 from recipes.peft_methods import PeftMethodArguments, build_peft_config, trainable_parameters
 from recipes.rl.common import PromptArguments, evaluate_saved_policy, finish_run, load_policy, summary_line
 
@@ -86,14 +85,9 @@ def main(script_args, training_args, model_args, peft_args, callbacks=None, meth
     train_result = trainer.train()
 
     # ------------------------------------------------------------------ save
-    staging = Path(training_args.output_dir) / ".final-tmp"
-    trainer.save_model(str(staging))  # every rank joins: ZeRO-3 gathers the full weights here
-    metrics = {"train_loss": train_result.training_loss, "steps": trainer.state.global_step,
-               "trainable_params": trainable, "total_params": total, "prompts_truncated": truncated,
-               "train_runtime_s": train_result.metrics.get("train_runtime")}
+    staging, metrics = save_trained(trainer, train_result, trainable, total)  # every rank joins
+    metrics["prompts_truncated"] = truncated
     if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(str(staging))
-
         # -------------------------------------------------------------- eval
         # The SFT model and the saved policy, both reloaded from disk, on the held-out prompts.
         if script_args.eval_policy and test_prompts is not None:

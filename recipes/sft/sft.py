@@ -28,7 +28,7 @@ from trl import ModelConfig, SFTConfig
 
 from data_prep.artifacts import UserError, build_manifest, parse_config, run_cli, write_manifest
 from recipes.common import (load_pretrained, load_splits, mark_incomplete, model_card, no_zero3_init, publish,
-                            resolve_resume, training_summary, with_cpu_process_group)
+                            resolve_resume, save_trained, training_summary, with_cpu_process_group)
 from recipes.peft_methods import (PeftMethodArguments, build_peft_config, quantization_config, refuse_broken_combination,
                                   trainable_parameters)
 
@@ -93,13 +93,8 @@ def main(script_args, training_args, model_args, peft_args, callbacks=None) -> d
     train_result = trainer.train(resume_from_checkpoint=resume)
 
     # ------------------------------------------------------------------ save
-    staging = Path(training_args.output_dir) / ".final-tmp"
-    trainer.save_model(str(staging))  # every rank joins: ZeRO-3 gathers the full weights here
-    metrics = {"train_loss": train_result.training_loss, "steps": trainer.state.global_step,
-               "trainable_params": trainable, "total_params": total,
-               "train_runtime_s": train_result.metrics.get("train_runtime")}
+    staging, metrics = save_trained(trainer, train_result, trainable, total)  # every rank joins
     if trainer.is_world_process_zero():
-        trainer.processing_class.save_pretrained(str(staging))
         if script_args.merge_adapter:
             _merge_lora(staging, trust_remote_code=training_args.trust_remote_code)
 
