@@ -19,7 +19,7 @@ The embedded default reads the `preference_prompts` split of data_prep.build_sft
 close miss > clearly wrong for verifiable tasks; refusal > compliance for harmful requests;
 helpful answer > another prompt's answer > refusal for benign look-alikes, see
 `data_prep.chat_tasks.rank_answers`), expands every ranking into its C(K, 2) ordered pairs and
-splits train/test by prompt (85:15, stratified by task): 1,440 train and 260 test pairs in ~3 s.
+splits train/test by prompt (85:15, stratified by task): 5,794 train and 1,006 test pairs in ~3 s.
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ last assistant message, the reference for `data_prep.chat_tasks.check_answer`) a
 `safety_label`, plus `manifest.json` with rows per split and per task.
 
 The embedded default (data_prep/chat_tasks.py) writes four splits with no prompt in two of
-them: `train` (6,000 rows, SFT), `test` (300, held-out SFT evaluation, 50 per family),
-`preference_prompts` (600, for data_prep.build_preference_data) and `rl_prompts` (300, for RL);
+them: `train` (36,000 rows, SFT), `test` (300, held-out SFT evaluation, 50 per family),
+`preference_prompts` (2,400, for data_prep.build_preference_data) and `rl_prompts` (2,000, for RL);
 it takes about 5 seconds. Hub and local sources give `train` and `test` (task "chat"); without a
 test split, `test_fraction` of the unique prompts is held out.
 """
@@ -57,10 +57,10 @@ class SFTDataArguments:
     output_dir: str = field(default="outputs/sft_data", metadata={"help": "Where the DatasetDict and manifest go."})
     source: str = field(default="embedded", metadata={"help": "embedded (generated tasks), local or hub."})
     # embedded
-    train_size: int = field(default=6000, metadata={"help": "SFT rows (embedded)."})
+    train_size: int = field(default=36000, metadata={"help": "SFT rows (embedded)."})
     test_size: int = field(default=300, metadata={"help": "Held-out SFT evaluation rows, balanced over families."})
-    preference_size: int = field(default=600, metadata={"help": "Prompts kept for the reward model's data."})
-    rl_size: int = field(default=300, metadata={"help": "Prompts kept for RL."})
+    preference_size: int = field(default=2400, metadata={"help": "Prompts kept for the reward model's data."})
+    rl_size: int = field(default=2000, metadata={"help": "Prompts kept for RL."})
     families: list[str] = field(default_factory=lambda: list(FAMILIES), metadata={"help": "Task families to generate."})
     system_fraction: float = field(default=0.3, metadata={"help": "Share of rows with a system prompt."})
     multi_turn_fraction: float = field(default=0.3, metadata={"help": "Share of rows with 2-3 user turns."})

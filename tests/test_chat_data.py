@@ -474,7 +474,7 @@ def test_table_facts_are_held_out_by_question_and_content_families_by_content():
     def last_question(row):
         return row["messages"][-2]["content"]
 
-    splits = generate_chat_splits({"train": 6000, "test": 300}, seed=42)  # the CLI's default sizes
+    splits = generate_chat_splits({"train": 6000, "test": 300}, seed=42)  # 1/6 of the default train size
     train_questions = user_texts(splits["train"])
     taught = {arithmetic_fact(q) for q in train_questions} - {None}
     held = [arithmetic_fact(last_question(r)) for r in splits["test"] if r["task"] == "arithmetic"]

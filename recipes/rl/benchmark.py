@@ -2,7 +2,7 @@
 
     python recipes/rl/benchmark.py                       # the speedrun's tiny SFT and reward models
     python recipes/rl/benchmark.py --iterations 10 --replies 64 --response_length 48
-    python recipes/rl/benchmark.py --num_ppo_epochs 2          # PPO's main cost is its epochs
+    python recipes/rl/benchmark.py --num_ppo_epochs 4          # PPO's main cost is its epochs
 
 Both methods run their tiny preset (recipes/rl/ppo_tiny.yaml, grpo_tiny.yaml) on the same batch: the
 same prompts, `replies` replies of at most `response_length` tokens at one temperature, the same
