@@ -184,3 +184,25 @@ def _read_parent(directory: Path) -> dict:
         return read_manifest(directory)
     except UserError:
         return {}
+
+
+def fused_head_on_labelled_positions_only() -> bool:
+    """Make TRL's fused LM head score only the positions that carry loss, on every device.
+
+    TRL 1.16 computes the SFT/DPO/GRPO losses through a chunked, fused LM head. With Triton (CUDA, XPU)
+    it projects only the labelled positions; elsewhere it projects every position of the padded
+    batch, so that compiled backends (Neuron) see one tile shape. On a CPU, in eager mode, there is
+    nothing to recompile, and under assistant-only loss only ~24% of the tokens of the embedded chat
+    data carry loss: that head took 59% of an SFT step's time (recipes/sft/README.md, profile). The
+    math per position is the same either way; only the rows fed to the projection change. Returns
+    whether the switch was made (False when this TRL version lacks the hook, then nothing changes).
+    """
+    try:
+        import trl.trainer.utils as trl_utils
+        from trl.kernels.chunked_logprob import _use_triton
+    except ImportError:
+        return False
+    if not callable(getattr(trl_utils, "_use_triton", None)):
+        return False
+    trl_utils._use_triton = lambda device: _use_triton(device) or device.type == "cpu"
+    return True

@@ -245,3 +245,53 @@ def test_missing_messages_column_and_bad_targets_and_missing_markers(tiny_pretra
                          "--chat_template_path", str(template)))
     for out in ("a", "b", "c"):
         assert not (tmp_path / out / "manifest.json").exists()
+
+
+def test_fused_head_on_labelled_positions_gives_the_same_loss_and_gradients():
+    """recipes.common.fused_head_on_labelled_positions_only changes which rows TRL's fused LM head projects on
+    a CPU, not the result: loss, gradients, entropy and top-1 hits match the full projection and a plain
+    cross-entropy over the labelled positions."""
+    import trl.trainer.utils as trl_utils
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    from recipes.common import fused_head_on_labelled_positions_only
+
+    config = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    input_ids = torch.randint(1, 300, (3, 20))
+    labels = input_ids.clone()
+    labels[:, :12] = -100  # prompt
+    labels[2, 16:] = -100  # padding of a shorter row
+
+    def run():
+        torch.manual_seed(1)
+        model = LlamaForCausalLM(config)
+        add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
+        out = model(input_ids=input_ids, labels=labels, fused_lm_head=True)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        return out, grads, model
+
+    original = trl_utils._use_triton
+    try:
+        trl_utils._use_triton = lambda device: False  # TRL's own choice on a CPU: every position
+        full, full_grads, model = run()
+        assert fused_head_on_labelled_positions_only()
+        assert trl_utils._use_triton(torch.device("cpu"))
+        compact, compact_grads, _ = run()
+    finally:
+        trl_utils._use_triton = original
+
+    with torch.no_grad():  # the reference: ordinary logits and cross-entropy over the labelled positions
+        logits = LlamaForCausalLM.forward(model, input_ids=input_ids).logits[:, :-1]
+        reference = torch.nn.functional.cross_entropy(logits.reshape(-1, 300), labels[:, 1:].reshape(-1))
+    assert torch.allclose(compact.loss, full.loss, atol=1e-6) and torch.allclose(compact.loss, reference, atol=1e-5)
+    mask = labels[:, 1:] != -100
+    for field in ("log_probs", "entropy"):
+        assert torch.allclose(getattr(compact, field)[mask], getattr(full, field)[mask], atol=1e-5), field
+        assert (getattr(compact, field)[~mask] == 0).all(), field
+    assert torch.equal(compact.is_top1[mask], full.is_top1[mask])
+    for name, grad in full_grads.items():
+        assert torch.allclose(compact_grads[name], grad, atol=1e-6), name
