@@ -14,8 +14,8 @@ last assistant message, the reference for `data_prep.chat_tasks.check_answer`) a
 `safety_label`, plus `manifest.json` with rows per split and per task.
 
 The embedded default (data_prep/chat_tasks.py) writes four splits with no prompt in two of
-them: `train` (36,000 rows, SFT), `test` (300, held-out SFT evaluation, 50 per family),
-`preference_prompts` (2,400, for data_prep.build_preference_data) and `rl_prompts` (2,000, for RL);
+them: `train` (72,000 rows, SFT), `test` (300, held-out SFT evaluation, 50 per family),
+`preference_prompts` (4,800, for data_prep.build_preference_data) and `rl_prompts` (2,000, for RL);
 it takes about 40 seconds: no prompt may repeat, so once the families with few distinct questions
 (docstring, units, safety, arithmetic) run out of single-turn ones, draws are redrawn or become
 multi-turn. Hub and local sources give `train` and `test` (task "chat"); without a test split,
@@ -59,9 +59,9 @@ class SFTDataArguments:
     output_dir: str = field(default="outputs/sft_data", metadata={"help": "Where the DatasetDict and manifest go."})
     source: str = field(default="embedded", metadata={"help": "embedded (generated tasks), local or hub."})
     # embedded
-    train_size: int = field(default=36000, metadata={"help": "SFT rows (embedded)."})
+    train_size: int = field(default=72000, metadata={"help": "SFT rows (embedded)."})
     test_size: int = field(default=300, metadata={"help": "Held-out SFT evaluation rows, balanced over families."})
-    preference_size: int = field(default=2400, metadata={"help": "Prompts kept for the reward model's data."})
+    preference_size: int = field(default=4800, metadata={"help": "Prompts kept for the reward model's data."})
     rl_size: int = field(default=2000, metadata={"help": "Prompts kept for RL."})
     families: list[str] = field(default_factory=lambda: list(FAMILIES), metadata={"help": "Task families to generate."})
     system_fraction: float = field(default=0.3, metadata={"help": "Share of rows with a system prompt."})
