@@ -16,7 +16,7 @@ last assistant message, the reference for `data_prep.chat_tasks.check_answer`) a
 The embedded default (data_prep/chat_tasks.py) writes four splits with no prompt in two of
 them: `train` (72,000 rows, SFT), `test` (300, held-out SFT evaluation, 50 per family),
 `preference_prompts` (4,800, for data_prep.build_preference_data) and `rl_prompts` (2,000, for RL);
-it takes about 40 seconds: no prompt may repeat, so once the families with few distinct questions
+it takes about 2 minutes: no prompt may repeat, so once the families with few distinct questions
 (docstring, units, safety, arithmetic) run out of single-turn ones, draws are redrawn or become
 multi-turn. Hub and local sources give `train` and `test` (task "chat"); without a test split,
 `test_fraction` of the unique prompts is held out.
