@@ -187,7 +187,7 @@ def _read_parent(directory: Path) -> dict:
 
 
 def fused_head_on_labelled_positions_only() -> bool:
-    """Make TRL's fused LM head score only the positions that carry loss, on every device.
+    """Make TRL's fused LM head score only the positions that carry loss on a CPU too, not only under Triton.
 
     TRL 1.16 computes the SFT/DPO/GRPO losses through a chunked, fused LM head. With Triton (CUDA, XPU)
     it projects only the labelled positions; elsewhere it projects every position of the padded
