@@ -63,6 +63,32 @@ def test_two_cpu_processes(config, mode, partitioned, port, tiny_data, tmp_path)
     assert metrics["params"] == sum(p.numel() for p in model.parameters())
 
 
+def test_muon_under_zero2_matches_ddp_and_clipping_is_refused(tiny_data, tmp_path):
+    """DeepSpeed orthogonalizes each whole matrix before ZeRO-2 partitions it, so the per-step losses
+    equal those of DDP, where every rank runs Muon on the full matrix. With clipping on, ZeRO would
+    clip the orthogonalized update instead of the gradient, so the recipe refuses it."""
+    losses = {}
+    for config, port in (("cpu_2proc", 29609), ("deepspeed_zero2", 29610)):
+        out = tmp_path / config
+        result = accelerate_launch(f"accelerate_configs/{config}.yaml", "recipes/pretrain/pretrain.py",
+                                   pretrain_argv(tiny_data, out, "--max_steps", "5", "--logging_steps", "1",
+                                                 "--warmup_steps", "0", "--per_device_train_batch_size", "2",
+                                                 "--eval_on_start", "false", "--muon", "true",
+                                                 "--max_grad_norm", "0"), port=port)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+        state = json.loads((out / "trainer_state.json").read_text())
+        losses[config] = [e["loss"] for e in state["log_history"] if "loss" in e]
+    assert len(losses["cpu_2proc"]) == 5 and losses["cpu_2proc"][-1] < losses["cpu_2proc"][0]
+    assert losses["deepspeed_zero2"] == pytest.approx(losses["cpu_2proc"], rel=1e-4)
+
+    refused = accelerate_launch("accelerate_configs/deepspeed_zero2.yaml", "recipes/pretrain/pretrain.py",
+                                pretrain_argv(tiny_data, tmp_path / "clipped", "--max_steps", "2", "--muon", "true"),
+                                port=29611)
+    assert refused.returncode != 0
+    assert "error: muon: true under DeepSpeed ZeRO needs max_grad_norm: 0" in refused.stdout + refused.stderr
+    assert not (tmp_path / "clipped" / "manifest.json").exists()
+
+
 def test_sft_then_reward_under_zero3_on_two_cpu_processes(tiny_pretrained, tiny_chat_data, tmp_path):
     """Full SFT, then a reward model from it, each a real 2-process DeepSpeed ZeRO-3 launch."""
     from test_reward import reward_argv

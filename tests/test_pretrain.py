@@ -58,8 +58,9 @@ class StopAt(TrainerCallback):
             control.should_training_stop = True
 
 
-def test_resume_after_interruption_matches_uninterrupted_run(tiny_data, tmp_path):
-    common = ["--max_steps", "8", "--save_steps", "4", "--logging_steps", "1", "--eval_on_start", "false"]
+@pytest.mark.parametrize("optimizer", [[], ["--muon", "true"]], ids=["adamw", "muon"])
+def test_resume_after_interruption_matches_uninterrupted_run(optimizer, tiny_data, tmp_path):
+    common = ["--max_steps", "8", "--save_steps", "4", "--logging_steps", "1", "--eval_on_start", "false", *optimizer]
     straight = run_pretrain(pretrain_argv(tiny_data, tmp_path / "straight", *common))
 
     interrupted_dir = tmp_path / "interrupted"

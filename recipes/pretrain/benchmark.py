@@ -116,16 +116,16 @@ def main(bench: BenchmarkArguments, arch: ArchitectureArguments) -> dict:
     # ------------------------------------------------------------------ recipe arguments
     # Parsed by the recipe's own parser from its YAML; the overrides only turn off what a benchmark must not time.
     out_dir = tempfile.mkdtemp(prefix="pretrain-benchmark-")
-    _, targs, _ = parse_args([
+    recipe_args, targs, _ = parse_args([
         "--config", bench.recipe_config, "--output_dir", out_dir, "--max_steps", str(total_steps),
         "--per_device_train_batch_size", str(bench.batch_size), "--gradient_accumulation_steps", "1",
         "--bf16", str(bench.bf16), "--fp16", "false", "--seed", str(bench.seed),
         "--logging_strategy", "no", "--save_strategy", "no", "--eval_strategy", "no", "--eval_on_start", "false",
         "--report_to", "none", "--push_to_hub", "false", "--disable_tqdm", "true", "--dataloader_num_workers", "0",
         "--train_sampling_strategy", "sequential"])
-    if targs.lr_scheduler_type != "cosine" or targs.optim not in ("adamw_torch", "adamw_torch_fused"):
+    if recipe_args.muon or targs.lr_scheduler_type != "cosine" or targs.optim not in ("adamw_torch", "adamw_torch_fused"):
         raise UserError(f"{bench.recipe_config}: the bare loop mirrors cosine + adamw_torch(_fused) only, "
-                        f"got {targs.lr_scheduler_type} + {targs.optim}")
+                        f"got {targs.lr_scheduler_type} + {'muon' if recipe_args.muon else targs.optim}")
     optim = str(getattr(targs.optim, "value", targs.optim))
 
     # ------------------------------------------------------------------ model and data

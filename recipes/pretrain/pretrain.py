@@ -25,6 +25,7 @@ from transformers import Trainer, TrainingArguments
 
 from data_prep.artifacts import UserError, build_manifest, parse_config, read_manifest, run_cli, write_manifest
 from recipes.common import mark_incomplete, model_card, publish, resolve_resume, with_cpu_process_group
+from recipes.pretrain.muon import MuonWithAdamW, muon_optimizer_kwargs
 
 
 @dataclass
@@ -33,6 +34,13 @@ class ScriptArguments:
     tokenizer_path: str = field(default="outputs/tokenizer", metadata={"help": "Output of data_prep.train_tokenizer."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on at most this many blocks."})
     peak_tflops: float | None = field(default=None, metadata={"help": "Peak per device for MFU; None measures a matmul."})
+    muon: bool = field(default=False, metadata={
+        "help": "Train the hidden weight matrices with Muon and the rest with AdamW (recipes/pretrain/muon.py); "
+                "replaces `optim`."})
+    muon_learning_rate: float = field(default=0.02, metadata={"help": "Peak LR of the Muon group (cosine-scheduled)."})
+    muon_momentum: float = field(default=0.95, metadata={"help": "Muon's Nesterov momentum."})
+    muon_weight_decay: float = field(default=0.0, metadata={
+        "help": "Muon group's decoupled weight decay: matrices shrink by lr x this per step."})
 
 
 @dataclass
@@ -106,8 +114,15 @@ def main(script_args, training_args, arch_args, callbacks=None) -> dict:
 
     # ------------------------------------------------------------------ trainer
     collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    optimizer_factory = None
+    if script_args.muon:
+        optimizer_factory = (MuonWithAdamW, muon_optimizer_kwargs(
+            training_args, script_args.muon_learning_rate, script_args.muon_momentum, script_args.muon_weight_decay))
     trainer = ThroughputTrainer(model=model, args=training_args, data_collator=collator, train_dataset=train_dataset,
-                                eval_dataset=eval_dataset, processing_class=tokenizer, callbacks=callbacks)
+                                eval_dataset=eval_dataset, processing_class=tokenizer, callbacks=callbacks,
+                                optimizer_cls_and_kwargs=optimizer_factory)
+    if script_args.muon:
+        _check_muon_supported(trainer)
     if trainer.is_world_process_zero():
         mark_incomplete(training_args.output_dir)
     device = trainer.args.device
@@ -163,7 +178,8 @@ def main(script_args, training_args, arch_args, callbacks=None) -> dict:
         trainer.state.save_to_json(str(staging / "trainer_state.json"))  # log_history, for the report's curves
         inputs = {"dataset_path": script_args.dataset_path, "dataset_fingerprint": data_manifest["fingerprint"],
                   "tokenizer_path": script_args.tokenizer_path, "resumed_from": resume}
-        options = {"architecture": asdict(arch_args), "training": _training_summary(training_args)}
+        options = {"architecture": asdict(arch_args),
+                   "training": {**_training_summary(training_args), **_optimizer_summary(script_args, training_args)}}
         (staging / "README.md").write_text(_card(inputs, options, metrics, data_manifest))
         write_manifest(staging, build_manifest("pretrain", inputs, options, metrics))
         publish(staging, training_args.output_dir)
@@ -201,6 +217,32 @@ def _training_summary(args) -> dict:
             "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "max_grad_norm", "bf16", "fp16",
             "activation_checkpointing", "seed", "world_size")
     return {k: getattr(args, k) for k in keys}
+
+
+def _check_muon_supported(trainer) -> None:
+    """Muon orthogonalizes whole matrices: refuse the setups where a rank would hold only a shard of one."""
+    if trainer.is_fsdp_enabled:
+        raise UserError("muon: true does not run under FSDP (each rank would orthogonalize its own shard of a "
+                        "matrix); use DDP or DeepSpeed ZeRO-1/2, or muon: false")
+    plugin = trainer.accelerator.state.deepspeed_plugin
+    if plugin is None:
+        return
+    if plugin.zero_stage == 3 and plugin.deepspeed_config.get("zero_optimization", {}).get("reduce_scatter", True):
+        raise UserError("muon: true under ZeRO-3 needs zero_optimization.reduce_scatter: false in the DeepSpeed "
+                        "config (DeepSpeed refuses Muon with reduce-scatter); use ZeRO-1/2 or DDP, or muon: false")
+    if trainer.args.max_grad_norm and trainer.args.max_grad_norm > 0:
+        # ZeRO writes the orthogonalized update into the gradient partitions before it clips them, so
+        # clipping would shrink Muon's steps (measured: DDP and ZeRO-2 agree exactly only without it).
+        raise UserError("muon: true under DeepSpeed ZeRO needs max_grad_norm: 0 (DeepSpeed would clip the "
+                        "orthogonalized Muon update, not the gradient); or run it under DDP")
+
+
+def _optimizer_summary(script_args, training_args) -> dict:
+    if not script_args.muon:
+        return {"optimizer": str(getattr(training_args.optim, "value", training_args.optim))}
+    return {"optimizer": "muon (hidden matrices) + adamw (embeddings, norms)",
+            "muon_learning_rate": script_args.muon_learning_rate, "muon_momentum": script_args.muon_momentum,
+            "muon_weight_decay": script_args.muon_weight_decay}
 
 
 def _card(inputs: dict, options: dict, metrics: dict, data_manifest: dict) -> str:
