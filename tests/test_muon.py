@@ -47,7 +47,7 @@ def test_muon_half_matches_torch_muon_and_adamw_half_matches_torch_adamw():
     decay); it orthogonalizes in bf16 and DeepSpeed in fp32 on CPU, hence the tolerance."""
     ours_model, ref_model = tiny_llama(False), tiny_llama(False)
     ours = MuonWithAdamW()(ours_model, **SETTINGS)
-    muon_ref = [p for p in hidden_matrices(ref_model)]
+    muon_ref = hidden_matrices(ref_model)
     muon_ids = {id(p) for p in muon_ref}
     rest = [p for p in ref_model.parameters() if id(p) not in muon_ids]
     reference = [
