@@ -75,3 +75,17 @@ def test_muon_half_matches_torch_muon_and_adamw_half_matches_torch_adamw():
             assert torch.linalg.norm(moved - expected) <= 0.02 * torch.linalg.norm(expected), name
         else:
             torch.testing.assert_close(moved, expected, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_moe_experts_and_router_stay_on_adamw():
+    """transformers keeps MoE experts as 3-D tensors and the router as a bare parameter."""
+    from transformers import MixtralConfig
+
+    config = MixtralConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=2, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+    model = AutoModelForCausalLM.from_config(config)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)] for p in hidden_matrices(model)} == {
+        f"model.layers.0.self_attn.{m}_proj.weight" for m in ("q", "k", "v", "o")}
+    adam = {names[id(p)] for g in muon_param_groups(model, **SETTINGS) if not g["use_muon"] for p in g["params"]}
+    assert {"model.layers.0.mlp.gate.weight", "model.layers.0.mlp.experts.down_proj"} <= adam

@@ -4,7 +4,9 @@ Muon (MomentUm Orthogonalized by Newton-Schulz, K. Jordan et al., 2024) keeps SG
 hidden matrix and replaces the update by its nearest semi-orthogonal matrix, a few Newton-Schulz
 iterations away, so that every direction of the update moves at the same rate. It is meant for the
 matrices inside the transformer blocks only: the token embedding, the LM head (tied to it or not),
-norms and biases keep AdamW.
+norms and biases keep AdamW. Muon takes the weights of `nn.Linear` layers; transformers stores the
+experts of an MoE model (mixtral, qwen2_moe) as 3-D tensors and its router as a bare parameter, so
+there only the attention projections get Muon and the experts and router stay on AdamW.
 
 The optimizer is DeepSpeed's `MuonWithAuxAdam` (deepspeed.runtime.zero.muon), which runs the two
 updates from one `step()`. This module only decides which parameter goes where and hands Trainer a
