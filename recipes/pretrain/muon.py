@@ -15,8 +15,8 @@ group starts at `muon_learning_rate`, the AdamW groups at `learning_rate`, and t
 scales each by the same factor.
 
 Where it runs: one process, DDP (every rank orthogonalizes the full, all-reduced matrix), and
-DeepSpeed ZeRO-1/2, which reads the `use_muon` tag set here on every parameter and orthogonalizes a
-whole matrix before partitioning it; 5 steps under ZeRO-2 on 2 processes give DDP's losses exactly
+DeepSpeed ZeRO-2 (ZeRO-1 shares its code in DeepSpeed but is not run here), which reads the `use_muon` tag set here on every parameter and orthogonalizes a
+whole matrix before partitioning it; under ZeRO-2 on 2 processes the per-step losses equal DDP's
 (tests/test_distributed.py). ZeRO writes the orthogonalized update into the gradient buffer before it
 clips, so under ZeRO the recipe asks for `max_grad_norm: 0`; under DDP clipping acts on the raw
 gradients as usual (Muon's half is scale-free, so it only changes the AdamW half). ZeRO-3 needs
@@ -34,10 +34,10 @@ from torch import nn
 
 def hidden_matrices(model: nn.Module) -> list[nn.Parameter]:
     """Weights of the model's linear layers, less the input and output embeddings."""
-    embeddings = {id(m.weight) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
-    found, seen = [], set()
+    seen = {id(m.weight) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
+    found = []
     for module in model.modules():
-        if isinstance(module, nn.Linear) and id(module.weight) not in embeddings | seen and module.weight.requires_grad:
+        if isinstance(module, nn.Linear) and id(module.weight) not in seen and module.weight.requires_grad:
             seen.add(id(module.weight))
             found.append(module.weight)
     return found
