@@ -130,6 +130,27 @@ def test_zero_learning_rate_keeps_the_ratio_at_one(tiny_sft, tiny_reward, tiny_c
         assert row["approxkl"] == pytest.approx(0.0, abs=1e-8)
 
 
+def test_critic_warmup_freezes_the_policy_and_then_lets_it_learn(tiny_sft, tiny_reward, tiny_chat_data, tmp_path):
+    """During critic_warmup_updates the policy keeps the SFT weights exactly (ratio 1) while the critic trains;
+    after them the policy moves."""
+    from transformers import AutoModelForCausalLM
+
+    sft = AutoModelForCausalLM.from_pretrained(tiny_sft).state_dict()
+    changed = {}
+    for warmup in ("2", "1"):  # the run has 2 updates: all warm-up, then one of each
+        out = tmp_path / f"warmup{warmup}"
+        run_ppo(ppo_argv(tiny_sft, tiny_reward, tiny_chat_data, out, "--critic_warmup_updates", warmup,
+                         "--learning_rate", "1e-2", "--dataset_test_split", "none"))
+        logs = [row for row in _trainer_logs(out) if "ratio" in row]
+        assert logs[0]["ratio"] == pytest.approx(1.0, abs=1e-6) and logs[0]["approxkl"] == pytest.approx(0, abs=1e-10)
+        assert logs[0]["loss/value"] > 0
+        policy = AutoModelForCausalLM.from_pretrained(out).state_dict()
+        changed[warmup] = [k for k in sft if not torch.equal(sft[k], policy[k])]
+        if warmup == "1":
+            assert logs[1]["approxkl"] > 0
+    assert changed["2"] == [] and changed["1"], changed
+
+
 def test_kl_penalty_keeps_the_policy_near_the_reference(tiny_sft, tiny_reward, tiny_chat_data, tmp_path):
     """Same seed, same data, same learning rate: lambda = 0 drifts further from the SFT model than lambda > 0."""
     kls = {}

@@ -59,6 +59,15 @@ def test_reward_model_scorer_gives_score_conversations_figures(tiny_reward):
     with pytest.raises(UserError, match="non-finite reward nan at step 7, batch item 0"):
         scorer(prompts=prompts, completions=replies, trainer_state=SimpleNamespace(global_step=7))
 
+    # reward_model_clip bounds the training reward; the held-out path (score) stays raw
+    clip = sorted(abs(x) for x in expected)[1]  # at least one score lies outside [-clip, clip]
+    clipped = RewardModelScorer(str(tiny_reward), batch_size=2, clip=clip)
+    assert clipped(prompts=prompts, completions=replies) == pytest.approx(
+        [min(max(x, -clip), clip) for x in expected], abs=1e-5)
+    assert clipped.score(prompts, replies) == pytest.approx(expected, abs=1e-5)
+    with pytest.raises(UserError, match="reward_model_clip must be positive"):
+        RewardModelScorer(str(tiny_reward), clip=0.0)
+
 
 # ----------------------------------------------------------------------------- prompts
 def test_prompts_are_messages_without_the_final_assistant_turn(tiny_chat_data):

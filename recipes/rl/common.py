@@ -34,6 +34,9 @@ class PromptArguments:
         "help": "A recipes/reward output (scalar head); null for the rule-based reward alone."})
     correctness_reward: bool = field(default=False, metadata={
         "help": "Add the rule-based 1/0 reward (check_answer on the task/answer columns) after the reward model."})
+    reward_model_clip: float | None = field(default=None, metadata={
+        "help": "Clip the reward model's score to [-c, c] in the training reward (held-out figures stay raw): "
+                "bounds what fooling the reward model can earn against the correctness reward."})
     eval_policy: bool = field(default=True, metadata={"help": "Held-out reward, exact match and KL, before and after."})
     eval_max_samples: int | None = field(default=None)
     eval_max_new_tokens: int = field(default=48)

@@ -64,7 +64,7 @@ def main(script_args, training_args, model_args, peft_args, callbacks=None, meth
     # ------------------------------------------------------------------ rewards
     reward_funcs = build_reward_funcs(script_args.reward_model_path, script_args.correctness_reward,
                                       training_args.reward_weights, train_prompts.column_names,
-                                      training_args.trust_remote_code)
+                                      training_args.trust_remote_code, script_args.reward_model_clip)
 
     # ------------------------------------------------------------------ trainer
     trainer_class, recorded = getattr(trl, METHODS[method][0]), METHODS[method][1]

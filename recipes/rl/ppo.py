@@ -46,6 +46,9 @@ class ScriptArguments:
     value_model_path: str | None = field(default=None, metadata={"help": "Critic's initial weights (default: the reward model)."})
     ref_model_path: str | None = field(default=None, metadata={"help": "Reference (default: the policy's start; unused with PEFT)."})
     correctness_reward: bool = field(default=False, metadata={"help": "Add the rule-based exact-match reward (weights: reward_weights)."})
+    reward_model_clip: float | None = field(default=None, metadata={
+        "help": "Clip the reward model's score to [-c, c] in the training reward (held-out figures stay raw): "
+                "bounds what fooling the reward model can earn against the correctness reward."})
     eval_max_samples: int | None = field(default=None, metadata={"help": "Held-out prompts to evaluate before and after."})
 
 
@@ -77,7 +80,8 @@ def main(script_args, training_args, model_args, peft_args, callbacks=None) -> d
     peft_config = build_peft_config(model_args, peft_args, policy)
     with no_zero3_init():
         reward_funcs = build_reward_funcs(script_args.reward_model_path, script_args.correctness_reward,
-                                          training_args.reward_weights, train_prompts.column_names, trust)
+                                          training_args.reward_weights, train_prompts.column_names, trust,
+                                          script_args.reward_model_clip)
         ref_model = None
         if peft_config is None:
             ref_model, _, _ = load_pretrained(script_args.ref_model_path or policy_path, AutoModelForCausalLM,
@@ -137,6 +141,7 @@ def main(script_args, training_args, model_args, peft_args, callbacks=None) -> d
                   **data_inputs}
         options = {"peft": peft_config.to_dict() if peft_config else None, "peft_method": asdict(peft_args),
                    "correctness_reward": script_args.correctness_reward,
+                   "reward_model_clip": script_args.reward_model_clip,
                    "training": training_summary(training_args, PPO_KEYS)}
         finish_run(trainer, staging, "ppo", inputs, options, metrics, title="PPO policy",
                    summary="A chat policy trained with PPO (clipped policy and value losses, GAE, a per-token KL "
@@ -147,6 +152,7 @@ def main(script_args, training_args, model_args, peft_args, callbacks=None) -> d
 
 PPO_KEYS = ("total_episodes", "num_ppo_epochs", "num_mini_batches", "response_length", "temperature", "top_p",
             "kl_coef", "adaptive_kl", "target_kl", "cliprange", "cliprange_value", "vf_coef", "gamma", "lam",
+            "critic_warmup_updates",
             "missing_eos_penalty", "reward_weights")
 
 

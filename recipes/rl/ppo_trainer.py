@@ -13,7 +13,8 @@ reward model). One update:
    reward-model score on the last one (r = r_theta - lambda * KL, per token);
 4. advantages by GAE (gamma, lambda), whitened over the batch; value targets = advantages + values;
 5. `num_ppo_epochs` passes over the rollout in `num_mini_batches` minibatches, each one optimizer
-   step: clipped policy loss + vf_coef * clipped value loss.
+   step: clipped policy loss + vf_coef * clipped value loss. During the first `critic_warmup_updates`
+   updates the policy loss is weighted 0, so only the critic learns (its values fit the returns first).
 
 The pure functions below (GAE, reward shaping, the two losses, the KL controllers) are what the
 tests pin to hand computations.
@@ -61,6 +62,9 @@ class PPOConfig(TrainingArguments):
     gamma: float = field(default=1.0, metadata={"help": "Discount."})
     lam: float = field(default=0.95, metadata={"help": "GAE lambda."})
     whiten_rewards: bool = field(default=False, metadata={"help": "Whiten shaped rewards before GAE."})
+    critic_warmup_updates: int = field(default=0, metadata={
+        "help": "Updates at the start that train the critic alone (the policy is frozen): a critic initialised "
+                "from the reward model does not yet predict the returns, and its errors would be the advantages."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Run model code from the Hub (off: safer)."})
     reward_weights: list[float] | None = field(default=None, metadata={
         "help": "Weights of the reward functions in the score (default: all 1)."})
@@ -394,7 +398,8 @@ class PPOTrainer(Trainer):
                 advantages, returns = compute_gae(rewards, rollout["values"], mask, args.gamma, args.lam)
                 advantages = masked_whiten(advantages, mask)
             optimize_started = time.perf_counter()
-            stats = self._ppo_epochs(model, rollout, advantages, returns)
+            stats = self._ppo_epochs(model, rollout, advantages, returns,
+                                     train_policy=update > args.critic_warmup_updates)
             timing = self.iteration_times[-1]
             timing["train"] = time.perf_counter() - optimize_started
 
@@ -423,7 +428,8 @@ class PPOTrainer(Trainer):
         self.control = self.callback_handler.on_train_end(args, self.state, self.control)
         return self.state
 
-    def _ppo_epochs(self, model, rollout: dict, advantages: torch.Tensor, returns: torch.Tensor) -> dict:
+    def _ppo_epochs(self, model, rollout: dict, advantages: torch.Tensor, returns: torch.Tensor,
+                    train_policy: bool = True) -> dict:
         args = self.args
         mask = rollout["mask"]
         sums: dict[str, float] = {}
@@ -445,7 +451,11 @@ class PPOTrainer(Trainer):
                                                             advantages[micro], m, args.cliprange)
                     vf_loss, vf_clipfrac = clipped_value_loss(new_values, rollout["values"][micro], returns[micro],
                                                               m, args.cliprange_value)
-                    loss = (pg_loss + args.vf_coef * vf_loss) / len(micro_batches)
+                    # Critic warm-up multiplies the policy loss by 0 rather than freezing weights: DDP and ZeRO
+                    # expect a gradient for every parameter they wrapped. Adam moves nothing on zero gradients
+                    # from a fresh state (only a nonzero weight_decay would shrink the policy a little).
+                    policy_weight = 1.0 if train_policy else 0.0
+                    loss = (policy_weight * pg_loss + args.vf_coef * vf_loss) / len(micro_batches)
                     backward_kwargs = {"scale_wrt_gas": False} if self.is_deepspeed_enabled else {}
                     self.accelerator.backward(loss, **backward_kwargs)
                     if last:

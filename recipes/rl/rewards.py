@@ -11,7 +11,9 @@ special tokens, so `<|end|>` is already gone.
                               the scalar head (recipes.eval.reward_scores.score_conversations).
                               The reply is always re-tokenized by the reward model's tokenizer, on
                               purpose, so a reward model with another vocabulary than the policy's
-                              scores the same text the policy wrote.
+                              scores the same text the policy wrote. With `clip=c` the training reward
+                              (`scorer(prompts=..., completions=...)`) is clipped to [-c, c];
+                              `scorer.score(...)`, which the held-out evaluation uses, stays raw.
     correctness_reward        1.0 / 0.0 by data_prep.chat_tasks.check_answer on the row's `task` and
                               `answer` columns (exact match; for a harmful safety prompt any refusal
                               counts). Rows without a checkable answer get None, which TRL skips.
@@ -39,12 +41,13 @@ def _where(kwargs: dict) -> str:
 class RewardModelScorer:
     """A trained scalar reward model as a TRL reward function, and as a plain scorer for PPO.
 
-    `scorer(prompts=..., completions=...)` -> list of floats (TRL's reward_funcs);
-    `scorer.score(prompt_messages, replies)` -> the same for a list of message lists and reply strings.
-    A non-finite score stops the run with one line naming the step and the batch item.
+    `scorer(prompts=..., completions=...)` -> list of floats (TRL's reward_funcs), clipped to [-clip, clip]
+    when `clip` is set; `scorer.score(prompt_messages, replies)` -> the raw scores for a list of message
+    lists and reply strings. A non-finite score stops the run with one line naming the step and the batch item.
     """
 
-    def __init__(self, model_path: str, batch_size: int = 32, trust_remote_code: bool = False, device=None):
+    def __init__(self, model_path: str, batch_size: int = 32, trust_remote_code: bool = False, device=None,
+                 clip: float | None = None):
         from transformers import AutoModelForSequenceClassification
 
         from recipes.common import load_pretrained
@@ -59,6 +62,9 @@ class RewardModelScorer:
         self.model.requires_grad_(False)
         self.model.eval()
         self.batch_size = batch_size
+        if clip is not None and not clip > 0:
+            raise UserError(f"reward_model_clip must be positive (got {clip})")
+        self.clip = clip
         self.__name__ = "reward_model"  # the column name in TRL's logs: rewards/reward_model/mean
         if device is not None:
             self.to(device)
@@ -101,7 +107,10 @@ class RewardModelScorer:
         return out
 
     def __call__(self, prompts, completions, **kwargs) -> list[float]:
-        return self.score(prompts, [completion_text(c) for c in completions], **kwargs)
+        scores = self.score(prompts, [completion_text(c) for c in completions], **kwargs)
+        if self.clip is None:
+            return scores
+        return [min(max(value, -self.clip), self.clip) for value in scores]
 
 
 def correctness_reward(prompts, completions, task=None, answer=None, **kwargs) -> list[float | None]:
@@ -122,9 +131,10 @@ def correctness_reward(prompts, completions, task=None, answer=None, **kwargs) -
 
 
 def build_reward_funcs(reward_model_path: str, use_correctness: bool, reward_weights, columns: list[str],
-                       trust_remote_code: bool = False) -> list:
+                       trust_remote_code: bool = False, reward_model_clip: float | None = None) -> list:
     """The reward functions a recipe asks for, checked against the weights and the dataset's columns."""
-    funcs: list = [RewardModelScorer(reward_model_path, trust_remote_code=trust_remote_code)] if reward_model_path else []
+    funcs: list = ([RewardModelScorer(reward_model_path, trust_remote_code=trust_remote_code, clip=reward_model_clip)]
+                   if reward_model_path else [])
     if use_correctness:
         missing = [c for c in ("task", "answer") if c not in columns]
         if missing:
