@@ -1,8 +1,8 @@
 """Chat tasks with exactly checkable answers: the embedded data for SFT, reward modelling and RL.
 
-Six families, each a few phrasing templates over many instances, sized for a tiny model (a 1.2M
-Llama with a 4k byte-level BPE trained on the standard library, context 256): prompts are one
-short line and answers mostly 1-8 tokens, with no multi-digit arithmetic.
+Six families, each a few phrasing templates over many instances, sized for a tiny model (a ~1M
+Llama with a 512-token byte-level BPE trained on the standard library, context 256): prompts are
+one short line and answers mostly 1-12 tokens, with no multi-digit arithmetic.
 
     arithmetic  "What is 7 + 5?" -> "12"           (+/- on 0-20 with results >= 0, * on 0-9)
     sort        "Sort these numbers: 8 3 5 1" -> "1 3 5 8", or 3-5 words alphabetically
@@ -50,7 +50,7 @@ INSTANCE_SHARES = {"train": 0.7, "test": 0.1, "preference_prompts": 0.1, "rl_pro
 REFUSAL = "I can't help with that."
 SYSTEM_PROMPTS = ("You are a helpful assistant.", "Answer briefly.", "You are a concise assistant.",
                   "Reply with the answer only.")
-# Common words that are one token (after a space) in the stdlib tokenizer.
+# Common words, one token each (after a space) in a 4,096-token stdlib tokenizer, 1-4 in the 512-token one.
 WORDS = ("code", "data", "dict", "error", "file", "float", "hand", "info", "int", "key", "line", "list",
          "lock", "map", "name", "node", "path", "port", "queue", "root", "set", "size", "sort", "stack",
          "step", "string", "table", "tag", "test", "text", "time", "tree", "type", "user", "value", "word")

@@ -1,6 +1,6 @@
 """Train a tokenizer on a corpus built by `data_prep.build_corpus`.
 
-    python -m data_prep.train_tokenizer --corpus_dir outputs/corpus --output_dir outputs/tokenizer --vocab_size 4096
+    python -m data_prep.train_tokenizer --corpus_dir outputs/corpus --output_dir outputs/tokenizer --vocab_size 512
     python -m data_prep.train_tokenizer --corpus_dir outputs/corpus --output_dir outputs/tokenizer_spm \
         --kind sentencepiece --spm_model_type unigram --vocab_size 8000
 
@@ -14,8 +14,9 @@ Two kinds:
 Both save with `save_pretrained` (so `AutoTokenizer.from_pretrained(dir)` loads them) together
 with bos/eos/pad, chat role markers and a chat template whose assistant turns are wrapped in
 `{% generation %}` so TRL's `assistant_only_loss` can mask everything else. The manifest reports
-compression as UTF-8 bytes per token on the validation split. Sizes: 4k-8k tokens for the tiny
-preset (seconds on ~6 MB), 32k-64k for the real presets (minutes on a few GB).
+compression as UTF-8 bytes per token on the validation split. Sizes: 512 (the default) for the
+tiny preset, whose model is too small to spend its parameters on a larger embedding (README,
+"Sizing the tiny preset"); 32k-64k for the real presets (minutes on a few GB).
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ class TokenizerArguments:
     output_dir: str = field(default="outputs/tokenizer")
     kind: str = field(default="byte_level_bpe", metadata={"help": "byte_level_bpe or sentencepiece."})
     spm_model_type: str = field(default="unigram", metadata={"help": "unigram or bpe (kind=sentencepiece)."})
-    vocab_size: int = field(default=4096)
+    vocab_size: int = field(default=512)
     min_frequency: int = field(default=2)
     model_max_length: int = field(default=2048)
     max_training_docs: int | None = field(default=None, metadata={"help": "Train on at most this many documents."})
