@@ -2,7 +2,8 @@
 
 Six families, each a few phrasing templates over many instances, sized for a tiny model (a ~1M
 Llama with a 512-token byte-level BPE trained on the standard library, context 256): prompts are
-one short line and answers mostly 1-12 tokens, with no multi-digit arithmetic.
+one short line and answers 1-23 tokens (docstring sentences up to 46), with no multi-digit
+arithmetic.
 
     arithmetic  "What is 7 + 5?" -> "12"           (+/- on 0-20 with results >= 0, * on 0-9)
     sort        "Sort these numbers: 8 3 5 1" -> "1 3 5 8", or 3-5 words alphabetically
