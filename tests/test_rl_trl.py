@@ -16,7 +16,7 @@ from data_prep.artifacts import UserError
 from data_prep.chat_tasks import REFUSAL
 from recipes.rl import dpo, grpo, rloo
 from recipes.rl.prompts import load_prompts, prompt_row, to_prompt_dataset, truncate_prompts
-from recipes.rl.rewards import RewardModelScorer, correctness_reward
+from recipes.rl.rewards import RewardModelScorer, build_reward_funcs, correctness_reward
 
 ONLINE = {"grpo": grpo, "rloo": rloo}
 USER = [{"role": "user", "content": "What is 2 + 3?"}]
@@ -67,6 +67,8 @@ def test_reward_model_scorer_gives_score_conversations_figures(tiny_reward):
     assert clipped.score(prompts, replies) == pytest.approx(expected, abs=1e-5)
     with pytest.raises(UserError, match="reward_model_clip must be positive"):
         RewardModelScorer(str(tiny_reward), clip=0.0)
+    with pytest.raises(UserError, match="reward_model_clip is set but there is no reward model"):
+        build_reward_funcs(None, True, None, ["task", "answer"], reward_model_clip=1.0)
 
 
 # ----------------------------------------------------------------------------- prompts

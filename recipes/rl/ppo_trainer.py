@@ -63,7 +63,7 @@ class PPOConfig(TrainingArguments):
     lam: float = field(default=0.95, metadata={"help": "GAE lambda."})
     whiten_rewards: bool = field(default=False, metadata={"help": "Whiten shaped rewards before GAE."})
     critic_warmup_updates: int = field(default=0, metadata={
-        "help": "Updates at the start that train the critic alone (the policy is frozen): a critic initialised "
+        "help": "Updates at the start that train the critic alone (policy loss weighted 0): a critic initialised "
                 "from the reward model does not yet predict the returns, and its errors would be the advantages."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Run model code from the Hub (off: safer)."})
     reward_weights: list[float] | None = field(default=None, metadata={

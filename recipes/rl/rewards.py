@@ -133,6 +133,8 @@ def correctness_reward(prompts, completions, task=None, answer=None, **kwargs) -
 def build_reward_funcs(reward_model_path: str, use_correctness: bool, reward_weights, columns: list[str],
                        trust_remote_code: bool = False, reward_model_clip: float | None = None) -> list:
     """The reward functions a recipe asks for, checked against the weights and the dataset's columns."""
+    if reward_model_clip is not None and not reward_model_path:
+        raise UserError("reward_model_clip is set but there is no reward model to clip (reward_model_path is empty)")
     funcs: list = ([RewardModelScorer(reward_model_path, trust_remote_code=trust_remote_code, clip=reward_model_clip)]
                    if reward_model_path else [])
     if use_correctness:
