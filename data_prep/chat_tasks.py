@@ -318,7 +318,8 @@ class ChatTaskGenerator:
     """Builds the four splits; every turn of a row is an instance of the row's split."""
 
     def __init__(self, seed: int = 42, families: Sequence[str] = FAMILIES, system_fraction: float = 0.3,
-                 multi_turn_fraction: float = 0.3, followup_fraction: float = 0.5, max_docstring_functions: int = 40):
+                 multi_turn_fraction: float = 0.3, followup_fraction: float = 0.5, max_docstring_functions: int = 40,
+                 train_family_weights: Sequence[float] | None = None):
         unknown = [f for f in families if f not in FAMILIES]
         if unknown or not families:
             raise UserError(f"unknown task family {', '.join(unknown) or '(none given)'} (use {', '.join(FAMILIES)})")
@@ -327,6 +328,11 @@ class ChatTaskGenerator:
             if not 0 <= value <= 1:
                 raise UserError(f"{name} must be in [0, 1], got {value}")
         self.seed, self.families = seed, tuple(families)
+        weights = [1.0] * len(self.families) if train_family_weights is None else list(train_family_weights)
+        if len(weights) != len(self.families) or any(not w > 0 for w in weights):
+            raise UserError(f"train_family_weights needs one positive weight per family ({', '.join(self.families)}), "
+                            f"got {weights}")
+        self.train_family_weights = weights
         self.system_fraction, self.multi_turn_fraction = system_fraction, multi_turn_fraction
         self.followup_fraction = followup_fraction
         self.pool = docstring_pool(max_docstring_functions) if "docstring" in families else []
@@ -378,7 +384,10 @@ class ChatTaskGenerator:
         return {"messages": messages, "task": last.task, "answer": last.answer, "safety_label": last.safety_label}
 
     def generate(self, sizes: dict[str, int]) -> dict[str, list[dict]]:
-        """Rows per split, each family in equal share, no prompt repeated within or across splits.
+        """Rows per split, no prompt repeated within or across splits.
+
+        Each family has an equal share of a split's rows, except in train, where the shares follow
+        `train_family_weights` (the held-out splits stay balanced, so their figures stay comparable).
 
         A drawn row whose prompt was already used is redrawn with the same shape (system prompt,
         number of turns) a few times before the shape is redrawn too, so that families with few
@@ -401,8 +410,8 @@ class ChatTaskGenerator:
                 raise UserError(f"size of split {split} must be >= 0, got {n}")
             rng = random.Random(f"{self.seed}:{split}")
             rows = []
-            for i, family in enumerate(self.families):
-                want = n // len(self.families) + (i < n % len(self.families))
+            weights = self.train_family_weights if split == "train" else [1.0] * len(self.families)
+            for family, want in zip(self.families, apportion(n, weights)):
                 made, attempts, shape, misses = 0, 0, None, 0
                 while made < want:
                     attempts += 1
@@ -424,6 +433,17 @@ class ChatTaskGenerator:
             rng.shuffle(rows)
             out[split] = rows
         return out
+
+
+def apportion(total: int, weights: Sequence[float]) -> list[int]:
+    """`total` split in proportion to `weights`, in whole numbers that sum to it (largest remainder;
+    ties go to the earlier weight, so equal weights give the first `total % n` one extra)."""
+    exact = [total * w / sum(weights) for w in weights]
+    counts = [int(x) for x in exact]
+    by_remainder = sorted(range(len(weights)), key=lambda i: (counts[i] - exact[i], i))
+    for i in by_remainder[:total - sum(counts)]:
+        counts[i] += 1
+    return counts
 
 
 def generate_chat_splits(sizes: dict[str, int], seed: int = 42, **options) -> dict[str, list[dict]]:

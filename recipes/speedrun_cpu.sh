@@ -14,7 +14,7 @@ python -m pip install -q -r requirements.txt -e . 2>&1 | grep -v -E "^WARNING: R
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false HF_DATASETS_DISABLE_PROGRESS_BARS=1
 installed=$(date +%s)
 
-step() { echo; echo "=== $1"; }
+step() { echo; echo "=== $1 (at $(( $(date +%s) - installed )) s)"; }
 step "1/11 corpus (embedded default: Python standard library)"
 python -m data_prep.build_corpus --output_dir outputs/corpus
 step "2/11 tokenizer (byte-level BPE)"

@@ -18,6 +18,7 @@ from data_prep.chat_tasks import (
     SPLITS,
     TRAIN_DOCSTRING_TEMPLATES,
     alpaca_to_messages,
+    apportion,
     check_answer,
     docstring_pool,
     generate_chat_splits,
@@ -440,6 +441,25 @@ def test_family_option(tmp_path):
     assert set(load_from_disk(str(tmp_path / "two"))) == {"train", "test"}
     with pytest.raises(UserError, match="unknown task family poetry"):
         build_sft_data.main(["--output_dir", str(tmp_path / "bad"), "--families", "arithmetic", "poetry"])
+
+
+def test_train_family_weights_shift_train_only(splits, tmp_path):
+    assert apportion(10, [1] * 6) == [2, 2, 2, 2, 1, 1]  # the equal split: first ones take the remainder
+    assert apportion(48000, [1.25, 2, 2, 0.5, 0.75, 0.5]) == [8571, 13714, 13714, 3429, 5143, 3429]
+    weighted = generate_chat_splits(SIZES, seed=7, train_family_weights=[1, 3, 3, 1, 1, 1])
+    counts = Counter(r["task"] for r in weighted["train"])
+    assert counts == {"arithmetic": 120, "sort": 360, "string": 360, "units": 120, "docstring": 120, "safety": 120}
+    for split in ("test", "preference_prompts", "rl_prompts"):  # held-out splits: balanced and unchanged
+        assert [r["messages"] for r in weighted[split]] == [r["messages"] for r in splits[split]], split
+    manifest = build_sft_data.main(["--output_dir", str(tmp_path / "w"), *SMALL_CLI, "--families", "sort", "units",
+                                    "--train_family_weights", "3", "1"])
+    assert manifest["outputs"]["train"]["tasks"] == {"sort": 180, "units": 60}
+    assert manifest["options"]["train_family_weights"] == [3.0, 1.0]
+    for bad in (["1", "1"], ["1", "0", "1"]):
+        with pytest.raises(UserError, match="train_family_weights needs one positive weight per family"):
+            build_sft_data.main(["--output_dir", str(tmp_path / "bad"), *SMALL_CLI, "--families", "sort", "units",
+                                 "string", "--train_family_weights", *bad])
+    assert not (tmp_path / "bad").exists()
 
 
 def test_unknown_yaml_key_is_refused(tmp_path):

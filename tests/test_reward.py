@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 
 import pytest
 import torch
@@ -42,6 +43,28 @@ def test_reward_model_trains_scores_pairs_and_reloads(tiny_pretrained, tiny_chat
     assert again["accuracy"] == pytest.approx(metrics["pairwise_after"]["accuracy"])
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["stage"] == "reward" and manifest["inputs"]["model"] == str(tiny_pretrained)
+
+
+def test_group_by_length_batches_pairs_of_similar_length(tiny_pretrained, tiny_chat_data, tmp_path):
+    from datasets import load_from_disk
+
+    _, training_args, _, _ = reward.parse_args(reward_argv(tiny_pretrained, tiny_chat_data["preference"], tmp_path))
+    assert training_args.train_sampling_strategy == "group_by_length"  # tiny.yaml asks for it
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_pretrained, num_labels=1)
+    train = load_from_disk(str(tiny_chat_data["preference"]))["train"]
+    trainer = reward.PairLengthGroupedRewardTrainer(model=model, args=training_args, train_dataset=train,
+                                                    processing_class=AutoTokenizer.from_pretrained(tiny_pretrained))
+    lengths = [max(len(c), len(r)) for c, r in zip(trainer.train_dataset["chosen_ids"],
+                                                    trainer.train_dataset["rejected_ids"])]
+    order = list(trainer._get_train_sampler())
+    assert sorted(order) == list(range(len(train)))  # every pair once
+
+    def padded(indices):  # tokens the collator pads to: both sides of each pair, to the batch's longest
+        batches = [indices[i:i + 4] for i in range(0, len(indices), 4)]
+        return sum(2 * len(b) * max(lengths[j] for j in b) for b in batches)
+
+    shuffled = random.Random(0).sample(range(len(train)), len(train))  # what the default sampler does
+    assert padded(order) < 0.8 * padded(shuffled)
 
 
 def test_scores_do_not_depend_on_batching_or_padding(tiny_pretrained):
