@@ -118,6 +118,27 @@ def test_bleu_and_rouge_modules_match_sacrebleu_and_rouge_score():
         scores.bleu_rouge(predictions, references[:2])
 
 
+def test_pass_at_k_is_the_unbiased_estimator():
+    from itertools import combinations
+
+    from recipes.eval.generation import pass_at_k, pass_at_k_report
+
+    for n, c, k in ((5, 2, 1), (5, 2, 2), (6, 3, 4), (4, 0, 4), (4, 1, 4), (8, 5, 3)):
+        draws = list(combinations([True] * c + [False] * (n - c), k))  # every k-subset of the n samples
+        assert pass_at_k(n, c, k) == pytest.approx(sum(any(d) for d in draws) / len(draws))
+    assert (pass_at_k(5, 2, 1), pass_at_k(5, 2, 2)) == (pytest.approx(0.4), pytest.approx(0.7))
+    with pytest.raises(ValueError):
+        pass_at_k(3, 1, 4)
+    rows = [{"task": "arithmetic", "answer": "5"}, {"task": "arithmetic", "answer": "7"},
+            {"task": "sort", "answer": "1 2 3"}]
+    sampled = [["5", "6", "5", "4"], ["1", "2", "3", "4"], ["1 2 3", "1 2 3", "1 2 3", "1 2 3"]]
+    report = pass_at_k_report(rows, sampled, [1, 2])
+    assert report["pass@1"] == pytest.approx((0.5 + 0 + 1) / 3)
+    assert report["pass@2"] == pytest.approx((1 - 1 / 6 + 0 + 1) / 3)  # C(2,2)/C(4,2) = 1/6 misses both
+    assert report["by_task"]["arithmetic"]["pass@1"] == 0.25 and report["by_task"]["sort"]["pass@2"] == 1.0
+    assert report["n"] == 3 and report["samples_per_prompt"] == 4
+
+
 def test_safety_counts_refusals_and_over_refusals():
     rows = [{"safety_label": "harmful"}, {"safety_label": "harmful"}, {"safety_label": "harmful"},
             {"safety_label": "benign"}, {"safety_label": "benign"}, {"safety_label": ""}]
@@ -232,7 +253,10 @@ def test_bad_inputs_stop_with_one_line(tiny_pretrained, tiny_data, tmp_path):
         run_eval(eval_argv(tiny_pretrained, tmp_path / "e", "--metrics", "lm_eval", "--lm_eval_include_path",
                            str(tmp_path / "nowhere")))
     one_line(err, "nowhere", "data_prep.build_mc_benchmark")
-    for out in "abcde":
+    with pytest.raises(UserError) as err:
+        run_eval(eval_argv(tiny_pretrained, tmp_path / "f", "--metrics", "pass_at_k", "--pass_at_k", "1", "16"))
+    one_line(err, "pass_at_k", "pass_at_k_samples=8", "[1, 16]")
+    for out in "abcdef":
         assert not (tmp_path / out / "manifest.json").exists()
 
 
@@ -243,7 +267,7 @@ def test_eval_end_to_end_writes_results_and_manifest(tiny_pretrained, tiny_data,
     # the tiny pretrained model as its own judge (fresh scalar head) and as its own opponent
     results = run_eval(eval_argv(
         tiny_pretrained, out, "--metrics", "perplexity", "bleu_rouge", "exact_match", "reward_accuracy", "win_rate",
-        "safety", "--text_dataset_path", str(tiny_data["corpus"]), "--max_texts", "2",
+        "safety", "pass_at_k", "--pass_at_k_samples", "3", "--pass_at_k", "1", "3", "--text_dataset_path", str(tiny_data["corpus"]), "--max_texts", "2",
         "--chat_dataset_path", str(tiny_chat_data["sft"]), "--max_samples", "24", "--max_new_tokens", "6",
         "--preference_dataset_path", str(tiny_chat_data["preference"]),
         "--reward_model_name_or_path", str(tiny_pretrained), "--compare_model_name_or_path", str(tiny_pretrained)))
@@ -258,7 +282,8 @@ def test_eval_end_to_end_writes_results_and_manifest(tiny_pretrained, tiny_data,
         assert saved["data"][name]["path"] == str(path)
         assert saved["data"][name]["hash"] == json.loads((path / "manifest.json").read_text())["fingerprint"]
     metrics = saved["metrics"]
-    assert set(metrics) == {"perplexity", "bleu_rouge", "exact_match", "reward_accuracy", "win_rate", "safety"}
+    assert set(metrics) == {"perplexity", "bleu_rouge", "exact_match", "reward_accuracy", "win_rate", "safety",
+                            "pass_at_k"}
     ppl = metrics["perplexity"]
     assert {"perplexity", "bits_per_byte", "nll_per_token", "tokens", "bytes"} <= set(ppl)
     assert ppl["perplexity"] == pytest.approx(math.exp(ppl["nll_per_token"]))
@@ -273,6 +298,11 @@ def test_eval_end_to_end_writes_results_and_manifest(tiny_pretrained, tiny_data,
     labels = test_rows["safety_label"][:24]
     assert (safety["n_harmful"], safety["n_benign"]) == (labels.count("harmful"), labels.count("benign"))
     assert {"refusal_rate", "over_refusal_rate"} <= set(safety)
+    sampled = metrics["pass_at_k"]
+    assert sampled["n"] == 24 and sampled["samples_per_prompt"] == 3 and sampled["temperature"] == 1.0
+    assert sampled["pass@1"] == pytest.approx(sampled["mean_sample_accuracy"])
+    assert sampled["pass@1"] <= sampled["pass@3"]
+    assert set(sampled["by_task"]) == set(test_rows["task"][:24])
     assert set(saved["versions"]) == {"transformers", "evaluate", "sacrebleu", "rouge_score", "lm_eval", "torch"}
     assert all(saved["versions"].values())
     assert {"total", "generation", *metrics} <= set(saved["wall_time_s"])

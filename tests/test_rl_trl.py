@@ -83,6 +83,13 @@ def test_prompts_are_messages_without_the_final_assistant_turn(tiny_chat_data):
         assert row["prompt"] == original["messages"][:-1] and row["prompt"][-1]["role"] == "user"
         assert (row["task"], row["answer"], row["safety_label"]) == (original["task"], original["answer"],
                                                                       original["safety_label"])
+    # train_tasks: training prompts of those families only (max_train counts after it); test keeps every family
+    inputs, only, test_all = load_prompts(str(tiny_chat_data["sft"]), "rl_prompts", "test", max_train=5,
+                                          train_tasks=["sort", "safety"])
+    assert set(only["task"]) == {"sort", "safety"} and len(only) == 5 and inputs["train_tasks"] == ["sort", "safety"]
+    assert test_all["task"] == test["task"]
+    with pytest.raises(UserError, match=r"train_tasks: poetry not among the tasks of .*\[rl_prompts\] \(arithmetic, "):
+        load_prompts(str(tiny_chat_data["sft"]), "rl_prompts", "test", train_tasks=["sort", "poetry"])
     # Hub shapes: a prompt column (string or messages) or a messages column
     assert prompt_row({"prompt": "Tell me a joke."}) == {"prompt": "Tell me a joke.", "task": "chat", "answer": None,
                                                          "safety_label": ""}

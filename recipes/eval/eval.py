@@ -12,8 +12,8 @@ reward-model accuracy, win rate against a second checkpoint, and safety refusals
     # SmolLM2-360M after SFT, on one GPU, with standard lm-eval tasks from the Hub (online)
     python recipes/eval/eval.py --config recipes/eval/smollm2_360m_smoltalk.yaml
 
-`metrics` picks any of perplexity, bleu_rouge, exact_match, lm_eval, reward_accuracy, win_rate
-and safety (recipes/eval/README.md defines each). Output (`output_dir`): `eval_results.json`
+`metrics` picks any of perplexity, bleu_rouge, exact_match, pass_at_k, lm_eval, reward_accuracy,
+win_rate and safety (recipes/eval/README.md defines each). Output (`output_dir`): `eval_results.json`
 with the checkpoint, its lineage, the data fingerprints, every metric, library versions and wall
 times, then `manifest.json`, written last.
 """
@@ -30,7 +30,7 @@ from data_prep.artifacts import UserError, build_manifest, parse_config, read_ma
 from recipes.common import load_pretrained, mark_incomplete, publish
 from recipes.eval.scores import bleu_rouge, perplexity, safety_report
 
-METRICS = ("perplexity", "bleu_rouge", "exact_match", "lm_eval", "reward_accuracy", "win_rate", "safety")
+METRICS = ("perplexity", "bleu_rouge", "exact_match", "pass_at_k", "lm_eval", "reward_accuracy", "win_rate", "safety")
 CHAT_METRICS = ("bleu_rouge", "exact_match", "win_rate", "safety")  # scored on greedy replies to the chat split
 
 
@@ -62,6 +62,12 @@ class EvalArguments:
     bleu_tokenize: str = field(default="13a", metadata={"help": "sacrebleu tokenizer (zh for Chinese)."})
     rouge_use_stemmer: bool = field(default=True)
     win_rate_max_samples: int | None = field(default=None, metadata={"help": "Prompts judged for win_rate."})
+    # pass_at_k: sampled replies to the chat split
+    pass_at_k: list[int] = field(default_factory=lambda: [1, 4, 8], metadata={"help": "The k of pass@k."})
+    pass_at_k_samples: int = field(default=8, metadata={"help": "Replies sampled per prompt (>= the largest k)."})
+    pass_at_k_temperature: float = field(default=1.0)
+    pass_at_k_top_p: float = field(default=1.0)
+    seed: int = field(default=42, metadata={"help": "Seeds the sampling of pass_at_k."})
     # lm-evaluation-harness
     lm_eval_tasks: list[str] = field(default_factory=lambda: ["stdlib_docstring_mc", "arithmetic_units_mc"])
     lm_eval_include_path: str | None = field(default="outputs/mc_benchmark", metadata={"help": "Local task YAMLs."})
@@ -93,6 +99,13 @@ def main(args: EvalArguments) -> dict:
         raise UserError("win_rate needs compare_model_name_or_path (the checkpoint to compare against)")
     if {"win_rate", "reward_accuracy"} & set(wanted) and not args.reward_model_name_or_path:
         raise UserError("reward_accuracy and win_rate need reward_model_name_or_path (the judge)")
+    if "pass_at_k" in wanted:
+        if not args.pass_at_k or min(args.pass_at_k) < 1 or max(args.pass_at_k) > args.pass_at_k_samples:
+            raise UserError(f"pass_at_k: every k must be in [1, pass_at_k_samples={args.pass_at_k_samples}], "
+                            f"got {args.pass_at_k}")
+        if not args.pass_at_k_temperature > 0 or not 0 < args.pass_at_k_top_p <= 1:
+            raise UserError(f"pass_at_k_temperature must be > 0 and pass_at_k_top_p in (0, 1], got "
+                            f"{args.pass_at_k_temperature} and {args.pass_at_k_top_p}")
     if args.dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise UserError(f"dtype must be auto, float32, bfloat16 or float16, got '{args.dtype}'")
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -104,7 +117,7 @@ def main(args: EvalArguments) -> dict:
         data["text"], splits["text"] = load_split(args.text_dataset_path, args.text_split, args.max_texts)
         if args.text_field not in splits["text"].column_names:
             raise UserError(f"{args.text_dataset_path}[{args.text_split}]: no field '{args.text_field}'")
-    if set(CHAT_METRICS) & set(wanted):
+    if {*CHAT_METRICS, "pass_at_k"} & set(wanted):
         data["chat"], splits["chat"] = load_split(args.chat_dataset_path, args.chat_split, args.max_samples,
                                                   validate_messages)
     if "reward_accuracy" in wanted:
@@ -155,6 +168,15 @@ def main(args: EvalArguments) -> dict:
             results[metric] = generation.exact_match_report(chat_rows, replies)
         elif metric == "safety":
             results[metric] = safety_report(chat_rows, replies)
+        elif metric == "pass_at_k":
+            torch.manual_seed(args.seed)
+            draws = [generation.generate_replies(model, tokenizer, [r["messages"][:-1] for r in chat_rows],
+                                                 args.max_new_tokens, args.generation_batch_size, do_sample=True,
+                                                 temperature=args.pass_at_k_temperature, top_p=args.pass_at_k_top_p)
+                     for _ in range(args.pass_at_k_samples)]
+            results[metric] = {**generation.pass_at_k_report(chat_rows, [list(d) for d in zip(*draws)],
+                                                             sorted(set(args.pass_at_k))),
+                               "temperature": args.pass_at_k_temperature, "top_p": args.pass_at_k_top_p}
         elif metric == "reward_accuracy":
             results[metric] = reward_scores.pairwise_accuracy(judge, judge_tokenizer, splits["preference"],
                                                               args.reward_batch_size)
@@ -270,6 +292,8 @@ def flat_headline(metric: str, result: dict) -> dict:
     """The figures a summary line and the manifest show."""
     if metric == "lm_eval":
         return {f"{task}_{k}": v for task, r in result.items() for k, v in r.items() if k in ("acc", "acc_norm")}
+    if metric == "pass_at_k":
+        return {k: v for k, v in result.items() if k.startswith("pass@") or k in ("mean_sample_accuracy", "n")}
     keys = {"perplexity": ("perplexity", "bits_per_byte", "tokens"), "bleu_rouge": ("bleu", "rouge1", "rougeL", "n"),
             "exact_match": ("exact_match", "n"), "reward_accuracy": ("accuracy", "n"), "win_rate": ("win_rate", "n"),
             "safety": ("refusal_rate", "over_refusal_rate", "n_harmful", "n_benign")}[metric]

@@ -7,6 +7,7 @@ length, left-padded and decoded greedily with the KV cache under `torch.inferenc
 from __future__ import annotations
 
 import contextlib
+import math
 from collections import defaultdict
 
 
@@ -71,6 +72,37 @@ def exact_match_report(rows: list[dict], predictions: list[str], n_samples: int 
     return {"exact_match": sum(every) / max(len(every), 1), "n": len(every),
             "by_task": {task: round(sum(oks) / len(oks), 4) for task, oks in sorted(hits.items())},
             "samples": samples}
+
+
+def pass_at_k(n: int, correct: int, k: int) -> float:
+    """Chance that at least one of k replies drawn without replacement from n samples (`correct` of
+    them right) is right: 1 - C(n - c, k) / C(n, k), the unbiased estimator of Chen et al. (2021)."""
+    if not 0 < k <= n or not 0 <= correct <= n:
+        raise ValueError(f"pass@k needs 0 < k <= n and 0 <= correct <= n, got n={n}, correct={correct}, k={k}")
+    if n - correct < k:
+        return 1.0
+    return 1.0 - math.comb(n - correct, k) / math.comb(n, k)
+
+
+def pass_at_k_report(rows: list[dict], sampled: list[list[str]], ks: list[int]) -> dict:
+    """pass@k for each k, overall and per task family, from n sampled replies per row (`sampled[i]`);
+    `mean_sample_accuracy` is the share of single samples that are right."""
+    from data_prep.chat_tasks import check_answer
+
+    if len(rows) != len(sampled):
+        raise ValueError(f"samples for {len(sampled)} rows, {len(rows)} references")
+    per_task: dict[str, list[tuple[int, int]]] = defaultdict(list)
+    for row, replies in zip(rows, sampled):
+        per_task[row["task"]].append((len(replies), sum(check_answer(row["task"], r, row["answer"]) for r in replies)))
+
+    def figures(counts):
+        out = {f"pass@{k}": sum(pass_at_k(n, c, k) for n, c in counts) / len(counts) for k in ks}
+        return {**out, "mean_sample_accuracy": sum(c / n for n, c in counts) / len(counts)}
+
+    every = [nc for counts in per_task.values() for nc in counts]
+    return {**figures(every), "n": len(every), "samples_per_prompt": every[0][0] if every else 0,
+            "by_task": {task: {k: round(v, 4) for k, v in figures(counts).items()}
+                        for task, counts in sorted(per_task.items())}}
 
 
 def evaluate_exact_match(model, tokenizer, dataset, max_new_tokens: int = 32, batch_size: int = 64,

@@ -28,6 +28,9 @@ class PromptArguments:
     dataset_train_split: str = field(default="rl_prompts")
     dataset_test_split: str | None = field(default="test", metadata={"help": "Held-out prompts; 'none' to skip."})
     max_train_prompts: int | None = field(default=None)
+    train_tasks: list[str] | None = field(default=None, metadata={
+        "help": "Task families (the task column) to train on; the held-out prompts keep every family. "
+                "Null: all."})
     max_prompt_tokens: int | None = field(default=None, metadata={
         "help": "Longer prompts lose their oldest turns (then their first tokens); the count is reported."})
     reward_model_path: str | None = field(default="outputs/reward_tiny", metadata={

@@ -40,6 +40,9 @@ class ScriptArguments:
     dataset_train_split: str = field(default="rl_prompts")
     dataset_test_split: str | None = field(default="test", metadata={"help": "Held-out prompts; none to skip."})
     max_prompts: int | None = field(default=None, metadata={"help": "Use at most this many training prompts."})
+    train_tasks: list[str] | None = field(default=None, metadata={
+        "help": "Task families (the task column) to train on; the held-out prompts keep every family. "
+                "Null: all."})
     max_prompt_tokens: int | None = field(default=None, metadata={
         "help": "Longer prompts lose their oldest turns (then their first tokens); the count is reported."})
     reward_model_path: str = field(default="outputs/reward_tiny", metadata={"help": "Output of recipes/reward."})
@@ -64,7 +67,8 @@ def main(script_args, training_args, model_args, peft_args, callbacks=None) -> d
     # ------------------------------------------------------------------ data
     data_inputs, train_prompts, test_prompts = load_prompts(
         script_args.dataset_path, script_args.dataset_train_split, script_args.dataset_test_split,
-        script_args.dataset_name, script_args.dataset_config, script_args.max_prompts, script_args.eval_max_samples)
+        script_args.dataset_name, script_args.dataset_config, script_args.max_prompts, script_args.eval_max_samples,
+        script_args.train_tasks)
 
     # ------------------------------------------------------------------ models
     # Policy and critic are built after the training arguments, so that ZeRO-3 partitions them; the frozen

@@ -57,8 +57,10 @@ def to_prompt_dataset(dataset, name: str):
 
 
 def load_prompts(dataset_path: str | None, train_split: str, test_split: str | None, dataset_name: str | None = None,
-                 dataset_config: str | None = None, max_train: int | None = None, max_test: int | None = None):
-    """(inputs for the manifest, train prompts, test prompts or None)."""
+                 dataset_config: str | None = None, max_train: int | None = None, max_test: int | None = None,
+                 train_tasks: list[str] | None = None):
+    """(inputs for the manifest, train prompts, test prompts or None). `train_tasks` keeps only the training
+    prompts of those task families (before `max_train`); the test prompts keep every family."""
     if bool(dataset_path) == bool(dataset_name):
         raise UserError("set exactly one of dataset_path (a data_prep output) and dataset_name (a Hub prompt set)")
     splits = [s for s in (train_split, test_split) if s and s.lower() != "none"]
@@ -93,10 +95,25 @@ def load_prompts(dataset_path: str | None, train_split: str, test_split: str | N
             out.append(None)
             continue
         data = raw[split]
+        if train_tasks and split == train_split:
+            data = _only_tasks(data, train_tasks, f"{source}[{split}]")
         if limit is not None:
             data = data.select(range(min(limit, len(data))))
         out.append(to_prompt_dataset(data, f"{source}[{split}]"))
+    if train_tasks:
+        inputs["train_tasks"] = list(train_tasks)
     return inputs, out[0], out[1]
+
+
+def _only_tasks(data, tasks: list[str], name: str):
+    if "task" not in data.column_names:
+        raise UserError(f"train_tasks: {name} has no task column to select by")
+    present = set(data["task"])
+    unknown = [t for t in tasks if t not in present]
+    if unknown:
+        raise UserError(f"train_tasks: {', '.join(unknown)} not among the tasks of {name} ({', '.join(sorted(present))})")
+    wanted = set(tasks)
+    return data.filter(lambda task: task in wanted, input_columns="task")
 
 
 def truncate_prompts(dataset, tokenizer, max_prompt_tokens: int | None):
