@@ -49,8 +49,8 @@ def main(script_args, training_args, model_args, peft_args, callbacks=None, meth
     # ------------------------------------------------------------------ data
     data_inputs, train_prompts, test_prompts = load_prompts(
         script_args.dataset_path, script_args.dataset_train_split, script_args.dataset_test_split,
-        script_args.dataset_name, script_args.dataset_config, script_args.max_train_prompts, script_args.eval_max_samples,
-        script_args.train_tasks)
+        script_args.dataset_name, script_args.dataset_config, script_args.max_train_prompts,
+        script_args.eval_max_samples, script_args.train_tasks)
     if script_args.eval_policy and test_prompts is not None and not script_args.reward_model_path:
         raise UserError("eval_policy scores the held-out replies with the reward model: set reward_model_path, "
                         "or eval_policy: false")

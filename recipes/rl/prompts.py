@@ -111,7 +111,8 @@ def _only_tasks(data, tasks: list[str], name: str):
     present = set(data["task"])
     unknown = [t for t in tasks if t not in present]
     if unknown:
-        raise UserError(f"train_tasks: {', '.join(unknown)} not among the tasks of {name} ({', '.join(sorted(present))})")
+        raise UserError(f"train_tasks: {', '.join(unknown)} not among the tasks of {name} "
+                        f"({', '.join(sorted(present))})")
     wanted = set(tasks)
     return data.filter(lambda task: task in wanted, input_columns="task")
 
