@@ -16,8 +16,8 @@ from recipes.pretrain import pretrain
 
 import os
 
-# The full preset takes 5-13 of the suite's minutes (machine-dependent); with the RL, eval and notebook tests the suite
-# would pass the 25-minute CI budget, so this measurement runs on request (README, "Tests").
+# The full preset takes 5-13 of the suite's minutes (machine-dependent); with the RL, eval and notebook
+# tests the suite would pass the 25-minute CI budget, so this measurement runs on request (README, "Tests").
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     os.environ.get("RUN_FULL_PRESET") != "1",
     reason="full tiny-preset pretraining (5-13 min): run with RUN_FULL_PRESET=1 bash tests/run.sh -k target")]

@@ -18,7 +18,20 @@ from recipes.common import load_pretrained, model_card, no_zero3_init, publish
 
 
 @dataclass
-class PromptArguments:
+class RLShapingArguments:
+    """Which training prompts and how the reward model's score enters the reward: shared by PPO's
+    arguments and `PromptArguments`, so the two declare them once."""
+
+    train_tasks: list[str] | None = field(default=None, metadata={
+        "help": "Task families (the task column) to train on; the held-out prompts keep every family. "
+                "Null: all."})
+    reward_model_clip: float | None = field(default=None, metadata={
+        "help": "Clip the reward model's score to [-c, c] in the training reward (held-out figures stay raw): "
+                "bounds what fooling the reward model can earn against the correctness reward."})
+
+
+@dataclass
+class PromptArguments(RLShapingArguments):
     """Prompts, rewards and held-out evaluation of the online RL recipes (GRPO, RLOO)."""
 
     dataset_path: str | None = field(default="outputs/sft_data", metadata={
@@ -28,18 +41,12 @@ class PromptArguments:
     dataset_train_split: str = field(default="rl_prompts")
     dataset_test_split: str | None = field(default="test", metadata={"help": "Held-out prompts; 'none' to skip."})
     max_train_prompts: int | None = field(default=None)
-    train_tasks: list[str] | None = field(default=None, metadata={
-        "help": "Task families (the task column) to train on; the held-out prompts keep every family. "
-                "Null: all."})
     max_prompt_tokens: int | None = field(default=None, metadata={
         "help": "Longer prompts lose their oldest turns (then their first tokens); the count is reported."})
     reward_model_path: str | None = field(default="outputs/reward_tiny", metadata={
         "help": "A recipes/reward output (scalar head); null for the rule-based reward alone."})
     correctness_reward: bool = field(default=False, metadata={
         "help": "Add the rule-based 1/0 reward (check_answer on the task/answer columns) after the reward model."})
-    reward_model_clip: float | None = field(default=None, metadata={
-        "help": "Clip the reward model's score to [-c, c] in the training reward (held-out figures stay raw): "
-                "bounds what fooling the reward model can earn against the correctness reward."})
     eval_policy: bool = field(default=True, metadata={"help": "Held-out reward, exact match and KL, before and after."})
     eval_max_samples: int | None = field(default=None)
     eval_max_new_tokens: int = field(default=48)

@@ -28,30 +28,24 @@ from trl import ModelConfig
 from data_prep.artifacts import parse_config, run_cli
 from recipes.common import load_pretrained, mark_incomplete, no_zero3_init, training_summary, with_cpu_process_group
 from recipes.peft_methods import PeftMethodArguments, build_peft_config, trainable_parameters
-from recipes.rl.common import finish_run, summary_line
+from recipes.rl.common import RLShapingArguments, finish_run, summary_line
 from recipes.rl.ppo_trainer import PPOConfig
 
 
 @dataclass
-class ScriptArguments:
+class ScriptArguments(RLShapingArguments):
     dataset_path: str | None = field(default="outputs/sft_data", metadata={"help": "Output of data_prep.build_sft_data."})
     dataset_name: str | None = field(default=None, metadata={"help": "Or a Hub prompt set (prompt or messages column)."})
     dataset_config: str | None = field(default=None)
     dataset_train_split: str = field(default="rl_prompts")
     dataset_test_split: str | None = field(default="test", metadata={"help": "Held-out prompts; none to skip."})
     max_prompts: int | None = field(default=None, metadata={"help": "Use at most this many training prompts."})
-    train_tasks: list[str] | None = field(default=None, metadata={
-        "help": "Task families (the task column) to train on; the held-out prompts keep every family. "
-                "Null: all."})
     max_prompt_tokens: int | None = field(default=None, metadata={
         "help": "Longer prompts lose their oldest turns (then their first tokens); the count is reported."})
     reward_model_path: str = field(default="outputs/reward_tiny", metadata={"help": "Output of recipes/reward."})
     value_model_path: str | None = field(default=None, metadata={"help": "Critic's initial weights (default: the reward model)."})
     ref_model_path: str | None = field(default=None, metadata={"help": "Reference (default: the policy's start; unused with PEFT)."})
     correctness_reward: bool = field(default=False, metadata={"help": "Add the rule-based exact-match reward (weights: reward_weights)."})
-    reward_model_clip: float | None = field(default=None, metadata={
-        "help": "Clip the reward model's score to [-c, c] in the training reward (held-out figures stay raw): "
-                "bounds what fooling the reward model can earn against the correctness reward."})
     eval_max_samples: int | None = field(default=None, metadata={"help": "Held-out prompts to evaluate before and after."})
 
 
@@ -156,8 +150,7 @@ def main(script_args, training_args, model_args, peft_args, callbacks=None) -> d
 
 PPO_KEYS = ("total_episodes", "num_ppo_epochs", "num_mini_batches", "response_length", "temperature", "top_p",
             "kl_coef", "adaptive_kl", "target_kl", "cliprange", "cliprange_value", "vf_coef", "gamma", "lam",
-            "critic_warmup_updates",
-            "missing_eos_penalty", "reward_weights")
+            "critic_warmup_updates", "missing_eos_penalty", "reward_weights")
 
 
 def _evaluate(policy, tokenizer, prompts, scorer, reference, args, measure_kl: bool = True) -> dict:
