@@ -67,6 +67,50 @@ def test_group_by_length_batches_pairs_of_similar_length(tiny_pretrained, tiny_c
     assert padded(order) < 0.8 * padded(shuffled)
 
 
+def test_shared_prompt_gives_the_rewards_loss_and_gradients_of_separate_rows(tiny_pretrained, tiny_chat_data,
+                                                                             tmp_path):
+    from datasets import load_from_disk
+    from trl.trainer.reward_trainer import DataCollatorForPreference
+
+    from recipes.reward.shared_prompt import SharedPromptCollator, pairwise_loss, shared_prompt_rewards
+
+    _, training_args, _, _ = reward.parse_args(reward_argv(tiny_pretrained, tiny_chat_data["preference"], tmp_path))
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_pretrained, num_labels=1)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_pretrained)
+    trainer = reward.SharedPromptRewardTrainer(model=model, args=training_args, processing_class=tokenizer,
+                                               train_dataset=load_from_disk(str(tiny_chat_data["preference"]))["train"])
+    examples = [trainer.train_dataset[i] for i in range(8)]
+    torch.manual_seed(0)
+    torch.nn.init.normal_(model.score.weight)  # a head that tells replies apart
+
+    def loss_and_grads(rewards):
+        chosen, rejected = rewards
+        loss = pairwise_loss(chosen, rejected, torch.tensor([e["margin"] for e in examples]), 0.01)
+        model.zero_grad()
+        loss.backward()
+        return chosen.detach(), rejected.detach(), loss.item(), [p.grad.clone() for p in model.parameters()]
+
+    separate = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id)(examples)
+    shared = SharedPromptCollator(tokenizer.pad_token_id)(examples)
+    reference = loss_and_grads(torch.chunk(model(**separate).logits.squeeze(-1), 2))
+    merged = loss_and_grads(shared_prompt_rewards(model, shared))
+    assert merged[0] == pytest.approx(reference[0], abs=1e-5) and merged[1] == pytest.approx(reference[1], abs=1e-5)
+    assert merged[2] == pytest.approx(reference[2], abs=1e-6)
+    for ours, theirs in zip(merged[3], reference[3]):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
+    assert shared["real_tokens"] < 0.8 * separate["attention_mask"].sum()  # the prompts ran once
+
+
+def test_shared_prompt_needs_a_score_head():
+    from recipes.reward.shared_prompt import merge_pair, score_head
+
+    with pytest.raises(UserError, match="no `score` head"):
+        score_head(torch.nn.Linear(2, 1))
+    row = merge_pair([1, 2, 3], [1, 2, 3])  # identical pairs still score each side on its own last token
+    assert row["input_ids"] == [1, 2, 3, 3] and row["position_ids"] == [0, 1, 2, 2]
+    assert (row["chosen_end"], row["rejected_end"]) == (2, 3)
+
+
 def test_scores_do_not_depend_on_batching_or_padding(tiny_pretrained):
     model = AutoModelForSequenceClassification.from_pretrained(tiny_pretrained, num_labels=1)
     tokenizer = AutoTokenizer.from_pretrained(tiny_pretrained)

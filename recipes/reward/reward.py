@@ -31,6 +31,8 @@ from recipes.common import (load_pretrained, load_splits, mark_incomplete, model
                             resolve_resume, save_trained, training_summary, with_cpu_process_group)
 from recipes.peft_methods import (PeftMethodArguments, build_peft_config, quantization_config, refuse_broken_combination,
                                   trainable_parameters)
+from recipes.reward.shared_prompt import (SharedPromptCollator, merged_length, pairwise_loss, score_head,
+                                          shared_prompt_rewards)
 
 
 @dataclass
@@ -40,6 +42,9 @@ class ScriptArguments:
     dataset_train_split: str = field(default="train")
     dataset_test_split: str = field(default="test")
     eval_pairwise_accuracy: bool = field(default=True, metadata={"help": "Score the test pairs before and after."})
+    share_prompt: bool = field(default=False, metadata={
+        "help": "Run each pair as one sequence that holds the shared prompt once (recipes/reward/shared_prompt.py). "
+                "Same rewards as two rows, fewer tokens; needs a model whose head is named `score`."})
 
 
 def main(script_args, training_args, model_args, peft_args, callbacks=None) -> dict:
@@ -65,14 +70,16 @@ def main(script_args, training_args, model_args, peft_args, callbacks=None) -> d
     peft_config = build_peft_config(model_args, peft_args, model)
 
     # ------------------------------------------------------------------ trainer
-    trainer = PairLengthGroupedRewardTrainer(model=model, args=training_args, train_dataset=train_dataset,
-                                             eval_dataset=test_dataset if training_args.eval_strategy != "no" else None,
-                                             processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
+    trainer_cls = SharedPromptRewardTrainer if script_args.share_prompt else PairLengthGroupedRewardTrainer
+    trainer = trainer_cls(model=model, args=training_args, train_dataset=train_dataset,
+                          eval_dataset=test_dataset if training_args.eval_strategy != "no" else None,
+                          processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
     if trainer.is_world_process_zero():
         mark_incomplete(training_args.output_dir)
     trainable, total = trainable_parameters(trainer.model)
     _log(trainer, f"{type(trainer.model).__name__}: {trainable:,} of {total:,} parameters trainable "
-                  f"({100 * trainable / total:.2f}%); margin column: {'margin' in train_dataset.column_names}")
+                  f"({100 * trainable / total:.2f}%); margin column: {'margin' in train_dataset.column_names}; "
+                  f"shared prompt: {script_args.share_prompt}")
 
     # ------------------------------------------------------------------ train
     resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
@@ -121,10 +128,53 @@ class PairLengthGroupedRewardTrainer(RewardTrainer):
         from transformers.trainer_pt_utils import LengthGroupedSampler
 
         dataset = train_dataset if train_dataset is not None else self.train_dataset
-        lengths = [max(len(chosen), len(rejected))
+        lengths = [self.pair_length(chosen, rejected)
                    for chosen, rejected in zip(dataset["chosen_ids"], dataset["rejected_ids"])]
         return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
                                     lengths=lengths)
+
+    @staticmethod
+    def pair_length(chosen_ids: list[int], rejected_ids: list[int]) -> int:
+        return max(len(chosen_ids), len(rejected_ids))
+
+
+class SharedPromptRewardTrainer(PairLengthGroupedRewardTrainer):
+    """RewardTrainer that runs a pair's shared prompt once (`share_prompt: true`).
+
+    Only the batch layout and the forward change; the loss and the logged metrics are RewardTrainer's.
+    On the embedded pairs a batch holds 95 tokens per pair instead of 160.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        score_head(self.model)  # a model without a `score` head stops here, not at the first step
+        self.data_collator = SharedPromptCollator(self.processing_class.pad_token_id)
+
+    @staticmethod
+    def pair_length(chosen_ids: list[int], rejected_ids: list[int]) -> int:
+        return merged_length(chosen_ids, rejected_ids)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        import torch
+
+        mode = "train" if self.model.training else "eval"
+        rewards_chosen, rewards_rejected = shared_prompt_rewards(model, inputs)
+        loss = pairwise_loss(rewards_chosen, rewards_rejected, inputs.get("margin"),
+                             self.args.center_rewards_coefficient)
+        if mode == "train":
+            self._total_train_tokens += self.accelerator.gather_for_metrics(inputs["real_tokens"]).sum().item()
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        with torch.no_grad():
+            both = self.accelerator.gather(torch.cat([rewards_chosen, rewards_rejected]))
+            self._metrics[mode]["min_reward"].append(both.min().item())
+            self._metrics[mode]["mean_reward"].append(both.mean().item())
+            self._metrics[mode]["max_reward"].append(both.max().item())
+            accuracy = (rewards_chosen > rewards_rejected).float().mean()
+            self._metrics[mode]["accuracy"].append(self.accelerator.gather_for_metrics(accuracy).mean().item())
+            margin = (rewards_chosen - rewards_rejected).mean()
+            self._metrics[mode]["margin"].append(self.accelerator.gather_for_metrics(margin).mean().item())
+        outputs = {"logits": torch.stack([rewards_chosen, rewards_rejected], dim=1)}
+        return (loss, outputs) if return_outputs else loss
 
 
 def _pairwise(path, test_dataset, training_args) -> dict:
