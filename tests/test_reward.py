@@ -67,15 +67,17 @@ def test_group_by_length_batches_pairs_of_similar_length(tiny_pretrained, tiny_c
     assert padded(order) < 0.8 * padded(shuffled)
 
 
-def test_shared_prompt_gives_the_rewards_loss_and_gradients_of_separate_rows(tiny_pretrained, tiny_chat_data,
-                                                                             tmp_path):
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_shared_prompt_gives_the_rewards_loss_and_gradients_of_separate_rows(attention, tiny_pretrained,
+                                                                             tiny_chat_data, tmp_path):
     from datasets import load_from_disk
     from trl.trainer.reward_trainer import DataCollatorForPreference
 
     from recipes.reward.shared_prompt import SharedPromptCollator, pairwise_loss, shared_prompt_rewards
 
     _, training_args, _, _ = reward.parse_args(reward_argv(tiny_pretrained, tiny_chat_data["preference"], tmp_path))
-    model = AutoModelForSequenceClassification.from_pretrained(tiny_pretrained, num_labels=1)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_pretrained, num_labels=1,
+                                                               attn_implementation=attention)
     tokenizer = AutoTokenizer.from_pretrained(tiny_pretrained)
     trainer = reward.SharedPromptRewardTrainer(model=model, args=training_args, processing_class=tokenizer,
                                                train_dataset=load_from_disk(str(tiny_chat_data["preference"]))["train"])
@@ -101,11 +103,15 @@ def test_shared_prompt_gives_the_rewards_loss_and_gradients_of_separate_rows(tin
     assert shared["real_tokens"] < 0.8 * separate["attention_mask"].sum()  # the prompts ran once
 
 
-def test_shared_prompt_needs_a_score_head():
-    from recipes.reward.shared_prompt import merge_pair, score_head
+def test_shared_prompt_needs_a_score_head_and_a_4d_mask(tiny_pretrained):
+    from recipes.reward.shared_prompt import check_attention_implementation, merge_pair, score_head
 
     with pytest.raises(UserError, match="no `score` head"):
         score_head(torch.nn.Linear(2, 1))
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_pretrained, num_labels=1)
+    model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(UserError, match="share_prompt needs attn_implementation sdpa or eager"):
+        check_attention_implementation(model)
     row = merge_pair([1, 2, 3], [1, 2, 3])  # identical pairs still score each side on its own last token
     assert row["input_ids"] == [1, 2, 3, 3] and row["position_ids"] == [0, 1, 2, 2]
     assert (row["chosen_end"], row["rejected_end"]) == (2, 3)

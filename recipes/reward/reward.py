@@ -31,8 +31,8 @@ from recipes.common import (load_pretrained, load_splits, mark_incomplete, model
                             resolve_resume, save_trained, training_summary, with_cpu_process_group)
 from recipes.peft_methods import (PeftMethodArguments, build_peft_config, quantization_config, refuse_broken_combination,
                                   trainable_parameters)
-from recipes.reward.shared_prompt import (SharedPromptCollator, merged_length, pairwise_loss, score_head,
-                                          shared_prompt_rewards)
+from recipes.reward.shared_prompt import (SharedPromptCollator, check_attention_implementation, merged_length,
+                                          pairwise_loss, score_head, shared_prompt_rewards)
 
 
 @dataclass
@@ -147,7 +147,8 @@ class SharedPromptRewardTrainer(PairLengthGroupedRewardTrainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        score_head(self.model)  # a model without a `score` head stops here, not at the first step
+        score_head(self.model)  # a model this cannot run stops here, not at the first step
+        check_attention_implementation(self.model)
         self.data_collator = SharedPromptCollator(self.processing_class.pad_token_id)
 
     @staticmethod

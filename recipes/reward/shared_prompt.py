@@ -84,17 +84,33 @@ def score_head(model: nn.Module) -> nn.Module:
     return min(named, key=lambda item: len(item[0]))[1]  # the outermost: PEFT's ModulesToSaveWrapper if any
 
 
+def attention_implementation(model: nn.Module) -> str:
+    inner = getattr(model, "module", model)  # DDP / DeepSpeed engine
+    return getattr(inner.config, "_attn_implementation", None) or "sdpa"
+
+
+def check_attention_implementation(model: nn.Module) -> None:
+    """transformers passes a 4-D mask as it is to sdpa and eager attention; flash and flex kernels take none."""
+    implementation = attention_implementation(model)
+    if implementation not in ("sdpa", "eager"):
+        raise UserError(f"share_prompt needs attn_implementation sdpa or eager (it passes a 4-D attention mask); "
+                        f"the reward model uses {implementation}: set share_prompt: false or change attn_implementation")
+
+
 def shared_prompt_rewards(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen, rejected) rewards of a merged batch, read from the head's per-token output.
 
     The head is hooked rather than called directly, so the forward still goes through the wrapped
     model (DDP's gradient sync, PEFT's adapters).
     """
+    mask = batch["attention_mask"]
+    if attention_implementation(model) == "eager":  # eager attention adds the mask to the scores
+        dtype = next(model.parameters()).dtype
+        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
     captured = []
     hook = score_head(model).register_forward_hook(lambda _module, _inputs, output: captured.append(output))
     try:
-        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-              position_ids=batch["position_ids"], use_cache=False)
+        model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"], use_cache=False)
     finally:
         hook.remove()
     per_token = captured[-1].squeeze(-1)  # (batch, length)
