@@ -103,8 +103,26 @@ def test_shared_prompt_gives_the_rewards_loss_and_gradients_of_separate_rows(att
     assert shared["real_tokens"] < 0.8 * separate["attention_mask"].sum()  # the prompts ran once
 
 
+def test_shared_prompt_evaluates_like_two_rows(tiny_pretrained, tiny_chat_data, tmp_path):
+    """Trainer.evaluate goes through compute_loss: the same loss, accuracy and margin either way."""
+    from datasets import load_from_disk
+
+    _, training_args, _, _ = reward.parse_args(reward_argv(tiny_pretrained, tiny_chat_data["preference"], tmp_path))
+    pairs = load_from_disk(str(tiny_chat_data["preference"]))
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_pretrained, num_labels=1)
+    torch.manual_seed(0)
+    torch.nn.init.normal_(model.score.weight)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_pretrained)
+    results = [trainer_cls(model=model, args=training_args, train_dataset=pairs["train"], eval_dataset=pairs["test"],
+                           processing_class=tokenizer).evaluate()
+               for trainer_cls in (reward.PairLengthGroupedRewardTrainer, reward.SharedPromptRewardTrainer)]
+    for key in ("eval_loss", "eval_accuracy", "eval_margin", "eval_mean_reward"):
+        assert results[1][key] == pytest.approx(results[0][key], abs=1e-5), key
+
+
 def test_shared_prompt_needs_a_score_head_and_a_4d_mask(tiny_pretrained):
-    from recipes.reward.shared_prompt import check_attention_implementation, merge_pair, score_head
+    from recipes.reward.shared_prompt import (SharedPromptCollator, check_attention_implementation, merge_pair,
+                                              score_head)
 
     with pytest.raises(UserError, match="no `score` head"):
         score_head(torch.nn.Linear(2, 1))
@@ -115,6 +133,9 @@ def test_shared_prompt_needs_a_score_head_and_a_4d_mask(tiny_pretrained):
     row = merge_pair([1, 2, 3], [1, 2, 3])  # identical pairs still score each side on its own last token
     assert row["input_ids"] == [1, 2, 3, 3] and row["position_ids"] == [0, 1, 2, 2]
     assert (row["chosen_end"], row["rejected_end"]) == (2, 3)
+    batch = SharedPromptCollator(0, pad_to_multiple_of=8)([{"chosen_ids": [1, 2, 3], "rejected_ids": [1, 4]}])
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 0, 0, 0, 0]] and batch["real_tokens"] == 4
+    assert batch["attention_mask"].shape == (1, 1, 8, 8) and not batch["attention_mask"][0, 0, 3, 2]  # 4 can't see 3
 
 
 def test_scores_do_not_depend_on_batching_or_padding(tiny_pretrained):

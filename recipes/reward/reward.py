@@ -15,7 +15,8 @@ Input: the SFT output (or a Hub model), loaded as `AutoModelForSequenceClassific
 with a fresh scalar head, and (prompt, chosen, rejected[, margin]) rows from
 `data_prep.build_preference_data`. Loss: -log sigmoid(r_chosen - r_rejected - margin). Output: the
 model or adapter, tokenizer, `metrics.json` with held-out pairwise accuracy before and after,
-`trainer_state.json` (the log history), a model card and `manifest.json`, written last.
+`trainer_state.json` (the log history), a model card and `manifest.json`, written last. With
+`share_prompt: true` each pair runs as one sequence that holds its prompt once (shared_prompt.py).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ class ScriptArguments:
     eval_pairwise_accuracy: bool = field(default=True, metadata={"help": "Score the test pairs before and after."})
     share_prompt: bool = field(default=False, metadata={
         "help": "Run each pair as one sequence that holds the shared prompt once (recipes/reward/shared_prompt.py). "
-                "Same rewards as two rows, fewer tokens; needs a model whose head is named `score`."})
+                "Same rewards as two rows, fewer tokens; needs a `score` head and sdpa or eager attention."})
 
 
 def main(script_args, training_args, model_args, peft_args, callbacks=None) -> dict:
@@ -125,13 +126,20 @@ class PairLengthGroupedRewardTrainer(RewardTrainer):
     def _get_train_sampler(self, train_dataset=None):
         if self.args.train_sampling_strategy != "group_by_length":
             return super()._get_train_sampler(train_dataset)
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        return self._pairs_by_length(dataset, self.args.train_batch_size * self.args.gradient_accumulation_steps)
+
+    def _get_eval_sampler(self, eval_dataset):
+        if self.args.train_sampling_strategy != "group_by_length" or eval_dataset is None:
+            return super()._get_eval_sampler(eval_dataset)
+        return self._pairs_by_length(eval_dataset, self.args.eval_batch_size)  # transformers groups eval too
+
+    def _pairs_by_length(self, dataset, batch_size: int):
         from transformers.trainer_pt_utils import LengthGroupedSampler
 
-        dataset = train_dataset if train_dataset is not None else self.train_dataset
         lengths = [self.pair_length(chosen, rejected)
                    for chosen, rejected in zip(dataset["chosen_ids"], dataset["rejected_ids"])]
-        return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
-                                    lengths=lengths)
+        return LengthGroupedSampler(batch_size, lengths=lengths)
 
     @staticmethod
     def pair_length(chosen_ids: list[int], rejected_ids: list[int]) -> int:
@@ -149,7 +157,7 @@ class SharedPromptRewardTrainer(PairLengthGroupedRewardTrainer):
         super().__init__(*args, **kwargs)
         score_head(self.model)  # a model this cannot run stops here, not at the first step
         check_attention_implementation(self.model)
-        self.data_collator = SharedPromptCollator(self.processing_class.pad_token_id)
+        self.data_collator = SharedPromptCollator(self.processing_class.pad_token_id, self.args.pad_to_multiple_of)
 
     @staticmethod
     def pair_length(chosen_ids: list[int], rejected_ids: list[int]) -> int:

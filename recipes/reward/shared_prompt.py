@@ -47,12 +47,15 @@ def merged_length(chosen_ids: list[int], rejected_ids: list[int]) -> int:
 class SharedPromptCollator:
     """Batches pairs as merged rows, right-padded, with the 4-D boolean mask (True = may attend)."""
 
-    def __init__(self, pad_token_id: int):
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
         self.pad_token_id = pad_token_id
+        self.pad_to_multiple_of = pad_to_multiple_of
 
     def __call__(self, examples: list[dict]) -> dict:
         rows = [merge_pair(e["chosen_ids"], e["rejected_ids"]) for e in examples]
         width = max(len(r["input_ids"]) for r in rows)
+        if self.pad_to_multiple_of:
+            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
 
         def padded(key, value):
             return torch.tensor([r[key] + [value] * (width - len(r[key])) for r in rows])
@@ -94,7 +97,8 @@ def check_attention_implementation(model: nn.Module) -> None:
     implementation = attention_implementation(model)
     if implementation not in ("sdpa", "eager"):
         raise UserError(f"share_prompt needs attn_implementation sdpa or eager (it passes a 4-D attention mask); "
-                        f"the reward model uses {implementation}: set share_prompt: false or change attn_implementation")
+                        f"the reward model uses {implementation}: set share_prompt: false or another "
+                        f"attn_implementation")
 
 
 def shared_prompt_rewards(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
