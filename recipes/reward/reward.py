@@ -171,7 +171,8 @@ class SharedPromptRewardTrainer(PairLengthGroupedRewardTrainer):
         loss = pairwise_loss(rewards_chosen, rewards_rejected, inputs.get("margin"),
                              self.args.center_rewards_coefficient)
         if mode == "train":
-            self._total_train_tokens += self.accelerator.gather_for_metrics(inputs["real_tokens"]).sum().item()
+            tokens = self.accelerator.gather_for_metrics(inputs["real_tokens"]).sum().item()
+            self._total_train_tokens += tokens // self._tp_size
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
         with torch.no_grad():
             both = self.accelerator.gather(torch.cat([rewards_chosen, rewards_rejected]))
