@@ -39,8 +39,8 @@ def run_cli(main: Callable[[], Any]) -> None:
 def parse_config(dataclass_types: list[type], args: list[str] | None = None) -> tuple:
     """Parse `--config file.yaml` plus command-line overrides into dataclasses with TrlParser.
 
-    A YAML key that no dataclass knows, a bad value or a bad flag becomes a one-line `UserError`
-    naming the key and the file.
+    A YAML key that no dataclass knows or that is given twice, a bad value or a bad flag becomes a
+    one-line `UserError` naming the key and the file.
     """
     import dataclasses
 
@@ -51,13 +51,23 @@ def parse_config(dataclass_types: list[type], args: list[str] | None = None) -> 
         def error(self, message):  # argparse would print its whole usage text
             raise UserError(f"{config_path or 'command line'}: {message}")
 
+    class _UniqueKeyLoader(yaml.SafeLoader):  # PyYAML keeps the last of two equal keys without a word
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise UserError(f"{config_path}:{key_node.start_mark.line + 1}: key {key} is given twice")
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
     args = list(sys.argv[1:] if args is None else args)
     config_path = args[args.index("--config") + 1] if "--config" in args[:-1] else None
     if config_path is not None:
         if not Path(config_path).is_file():
             raise UserError(f"config file not found: {config_path}")
         try:
-            config = yaml.safe_load(Path(config_path).read_text()) or {}
+            config = yaml.load(Path(config_path).read_text(), Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as err:
             line = getattr(getattr(err, "problem_mark", None), "line", -1) + 1
             raise UserError(f"{config_path}:{line}: not valid YAML") from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -104,3 +105,12 @@ def test_unknown_yaml_key_is_one_line_error(tmp_path):
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert lines == [f"error: {config}: unknown key(s) learning_rat"]
     assert "Traceback" not in result.stderr
+
+
+def test_yaml_key_given_twice_is_one_line_error(tmp_path):
+    preset = (REPO_ROOT / "recipes/pretrain/tiny.yaml").read_text()
+    config = tmp_path / "twice.yaml"
+    config.write_text(preset + "max_steps: 5\n")  # YAML itself would keep the last value silently
+    line = len(preset.splitlines()) + 1
+    with pytest.raises(UserError, match=rf"^{re.escape(str(config))}:{line}: key max_steps is given twice$"):
+        pretrain.parse_args(["--config", str(config)])
