@@ -56,6 +56,8 @@ def parse_config(dataclass_types: list[type], args: list[str] | None = None) -> 
             seen = set()
             for key_node, _ in node.value:
                 key = self.construct_object(key_node, deep=deep)
+                if not isinstance(key, (str, int, float, bool)):
+                    continue  # SafeLoader reports unhashable keys itself
                 if key in seen:
                     raise UserError(f"{config_path}:{key_node.start_mark.line + 1}: key {key} is given twice")
                 seen.add(key)
