@@ -18,9 +18,10 @@ Where it runs: one process, DDP (every rank orthogonalizes the full, all-reduced
 DeepSpeed ZeRO-2 (ZeRO-1 shares its code in DeepSpeed but is not run here), which reads the
 `use_muon` tag set here on every parameter and orthogonalizes a whole matrix before partitioning
 it; under ZeRO-2 on 2 processes the per-step losses equal DDP's (tests/test_distributed.py). ZeRO
-writes the orthogonalized update into the gradient buffer before it clips, so under ZeRO the recipe asks for `max_grad_norm: 0`; under DDP clipping acts on the raw
-gradients as usual (Muon's half is scale-free, so it only changes the AdamW half). ZeRO-3 needs
-`reduce_scatter: false`, and FSDP, which shards matrices across ranks, is refused.
+writes the orthogonalized update into the gradient buffer before it clips, so under ZeRO the recipe
+asks for `max_grad_norm: 0`; under DDP clipping acts on the raw gradients as usual (Muon's half is
+scale-free, so it only changes the AdamW half). ZeRO-3 needs `reduce_scatter: false`, and FSDP,
+which shards matrices across ranks, is refused.
 
 Weight decay: AdamW groups use `weight_decay` (none on norms and biases, as Trainer does); the Muon
 group shrinks its matrices by `muon_learning_rate x muon_weight_decay` per step, which is why its

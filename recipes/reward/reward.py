@@ -155,7 +155,7 @@ class SharedPromptRewardTrainer(PairLengthGroupedRewardTrainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        score_head(self.model)  # a model this cannot run stops here, not at the first step
+        self.score_head = score_head(self.model)  # found once; a model without one stops here, not at step 1
         check_attention_implementation(self.model)
         self.data_collator = SharedPromptCollator(self.processing_class.pad_token_id, self.args.pad_to_multiple_of)
 
@@ -167,7 +167,7 @@ class SharedPromptRewardTrainer(PairLengthGroupedRewardTrainer):
         import torch
 
         mode = "train" if self.model.training else "eval"
-        rewards_chosen, rewards_rejected = shared_prompt_rewards(model, inputs)
+        rewards_chosen, rewards_rejected = shared_prompt_rewards(model, inputs, self.score_head)
         loss = pairwise_loss(rewards_chosen, rewards_rejected, inputs.get("margin"),
                              self.args.center_rewards_coefficient)
         if mode == "train":

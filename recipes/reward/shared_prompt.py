@@ -101,18 +101,20 @@ def check_attention_implementation(model: nn.Module) -> None:
                         f"attn_implementation")
 
 
-def shared_prompt_rewards(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def shared_prompt_rewards(model: nn.Module, batch: dict,
+                          head: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen, rejected) rewards of a merged batch, read from the head's per-token output.
 
-    The head is hooked rather than called directly, so the forward still goes through the wrapped
-    model (DDP's gradient sync, PEFT's adapters).
+    The head (found with `score_head` unless given) is hooked rather than called directly, so the
+    forward still goes through the wrapped model (DDP's gradient sync, PEFT's adapters).
     """
     mask = batch["attention_mask"]
     if attention_implementation(model) == "eager":  # eager attention adds the mask to the scores
         dtype = next(model.parameters()).dtype
         mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
     captured = []
-    hook = score_head(model).register_forward_hook(lambda _module, _inputs, output: captured.append(output))
+    head = head if head is not None else score_head(model)
+    hook = head.register_forward_hook(lambda _module, _inputs, output: captured.append(output))
     try:
         model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"], use_cache=False)
     finally:
