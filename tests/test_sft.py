@@ -84,7 +84,7 @@ def run_sft(argv, callbacks=None):
 
 def logits_of(model, tokenizer):
     text = tokenizer.apply_chat_template(THREE_TURNS, tokenize=False)
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(model.device)
     with torch.inference_mode():
         return model(**ids).logits
 

@@ -11,6 +11,12 @@
     # CUDA, bf16 autocast (peak = measured bf16 matmul on the GPU)
     python recipes/pretrain/benchmark.py --bf16 true --batch_size 32 --seq_len 1024
 
+    # the ~350M preset's shape and hyperparameters on one GPU, compiled (tests/run_gpu.sh runs this)
+    python recipes/pretrain/benchmark.py --recipe_config recipes/pretrain/llama_350m_fineweb.yaml \
+        --hidden_size 1024 --intermediate_size 2816 --num_hidden_layers 24 --num_attention_heads 16 \
+        --tie_word_embeddings true --max_position_embeddings 2048 --vocab_size 32768 --seq_len 2048 \
+        --batch_size 16 --bf16 true --torch_compile true --rounds 1
+
 What it measures. One model built by the recipe's own `build_config` (shape flags are the recipe's
 ArchitectureArguments; the default is a Llama with hidden 256, 4 layers, 4 heads, intermediate 768,
 untied embeddings and --vocab_size 7680: 7.34M parameters), trained on the same random token
@@ -75,6 +81,8 @@ class BenchmarkArguments:
     recipe_config: str = field(default=str(Path(__file__).with_name("tiny.yaml")),
                                metadata={"help": "Recipe YAML whose training hyperparameters both contenders use."})
     bf16: bool = field(default=False, metadata={"help": "bf16 autocast; CUDA only."})
+    torch_compile: bool = field(default=False, metadata={
+        "help": "torch.compile both contenders (the recipe through TrainingArguments.torch_compile)."})
     seed: int = field(default=42)
     output_json: str | None = field(default=None)
 
@@ -120,6 +128,7 @@ def main(bench: BenchmarkArguments, arch: ArchitectureArguments) -> dict:
         "--config", bench.recipe_config, "--output_dir", out_dir, "--max_steps", str(total_steps),
         "--per_device_train_batch_size", str(bench.batch_size), "--gradient_accumulation_steps", "1",
         "--bf16", str(bench.bf16), "--fp16", "false", "--seed", str(bench.seed),
+        "--torch_compile", str(bench.torch_compile),
         "--logging_strategy", "no", "--save_strategy", "no", "--eval_strategy", "no", "--eval_on_start", "false",
         "--report_to", "none", "--push_to_hub", "false", "--disable_tqdm", "true", "--dataloader_num_workers", "0",
         "--train_sampling_strategy", "sequential"])
@@ -183,6 +192,7 @@ def main(bench: BenchmarkArguments, arch: ArchitectureArguments) -> dict:
 
         model = fresh_model().to(device)
         model.train()
+        forward = torch.compile(model) if bench.torch_compile else model  # Trainer's default backend and mode
         decay = [p for p in model.parameters() if p.ndim >= 2]  # Trainer: no decay on norms and biases
         no_decay = [p for p in model.parameters() if p.ndim < 2]
         optimizer = torch.optim.AdamW(
@@ -203,7 +213,7 @@ def main(bench: BenchmarkArguments, arch: ArchitectureArguments) -> dict:
         for step in range(total_steps):
             input_ids = data[step]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bench.bf16):
-                loss = model(input_ids=input_ids, labels=input_ids).loss
+                loss = forward(input_ids=input_ids, labels=input_ids).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), targs.max_grad_norm)
             optimizer.step()
@@ -219,7 +229,8 @@ def main(bench: BenchmarkArguments, arch: ArchitectureArguments) -> dict:
     peaks, param_diffs, recipe_gaps = [], [], []
     print(f"[benchmark] {config.model_type} {n_params / 1e6:.2f}M params, {fpt / 1e6:.1f} MFLOP/token, "
           f"batch {bench.batch_size} x {bench.seq_len} tokens, {bench.warmup_steps}+{bench.timed_steps} steps "
-          f"x {bench.rounds} rounds, {device.type} {dtype_name}, {threads} torch threads, optim {optim}; "
+          f"x {bench.rounds} rounds, {device.type} {dtype_name}{' compiled' if bench.torch_compile else ''}, "
+          f"{threads} torch threads, optim {optim}; "
           f"load average {_load()}", flush=True)
     try:
         for r in range(bench.rounds):
@@ -232,6 +243,7 @@ def main(bench: BenchmarkArguments, arch: ArchitectureArguments) -> dict:
                 times = [b - a for a, b in zip(ends[bench.warmup_steps - 1:], ends[bench.warmup_steps:])]
                 step_times[name] += times
                 round_tps[name].append(tokens_per_step * len(times) / sum(times))
+                model = getattr(model, "_orig_mod", model)  # a compiled module prefixes its state_dict keys
                 models[name] = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
                 del model
                 gc.collect()
