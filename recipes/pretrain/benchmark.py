@@ -41,7 +41,8 @@ models' parameters are compared; they agree exactly when both did the same work.
 MFU = tokens/s x flops_per_token / peak, where peak is measured here by measure_peak_flops (an fp32
 2048^3 matmul on CPU, a bf16 8192^3 one on CUDA), the best of one measurement per round.
 
-Targets: ratio recipe/bare >= 0.95 (the Trainer costs at most 5%); recipe MFU >= 0.6 on CPU.
+Targets: ratio recipe/bare >= 0.95 (the Trainer costs at most 5%); recipe MFU >= 0.6 on CPU, and
+>= 0.5 in bf16 on one GPU for the ~350M shape.
 Caveat: the figures are only as good as the machine is quiet. Other jobs on the same cores slow
 steps and the peak alike and unevenly, which is why the runs interleave, the figures are medians
 and the load average is printed; on a busy machine rerun with more --rounds, or when it is idle,
@@ -67,7 +68,8 @@ from pathlib import Path
 from data_prep.artifacts import UserError, parse_config, run_cli
 from recipes.pretrain.pretrain import ArchitectureArguments
 
-RATIO_TARGET, MFU_TARGET = 0.95, 0.6
+RATIO_TARGET = 0.95
+MFU_TARGETS = {"cpu": 0.6, "cuda": 0.5}  # fp32 on a CPU; bf16 on one GPU (the ~350M preset's shape)
 
 
 @dataclass
@@ -279,7 +281,7 @@ def main(bench: BenchmarkArguments, arch: ArchitectureArguments) -> dict:
     gap_ms = 1e3 * statistics.median(recipe_gaps)
     print(f"Trainer time between steps (batch fetch, callbacks): median {gap_ms:.2f} ms")
     print(f"ratio recipe/bare = {ratio:.3f} (target >= {RATIO_TARGET})")
-    print(f"MFU recipe = {results['recipe']['mfu']:.3f} (target >= {MFU_TARGET}); "
+    print(f"MFU recipe = {results['recipe']['mfu']:.3f} (target >= {MFU_TARGETS[device.type]}); "
           f"MFU bare = {results['bare']['mfu']:.3f}")
     tolerance = 1e-2 if bench.bf16 else 1e-4  # GPU bf16 kernels are not bitwise reproducible
     print(f"max |param recipe - bare| after {total_steps} steps = {max(param_diffs):.1e} (same init, data and updates)"
@@ -292,7 +294,8 @@ def main(bench: BenchmarkArguments, arch: ArchitectureArguments) -> dict:
         "optim": optim, "load_average_after": os.getloadavg(), "tokens_per_step": tokens_per_step,
         "peak_tflops": round(peak / 1e12, 4), "peak_source": peak_source,
         "peak_tflops_per_round": [round(p / 1e12, 4) for p in peaks],
-        **results, "ratio_recipe_over_bare": round(ratio, 4), "ratio_target": RATIO_TARGET, "mfu_target": MFU_TARGET,
+        **results, "ratio_recipe_over_bare": round(ratio, 4), "ratio_target": RATIO_TARGET,
+        "mfu_target": MFU_TARGETS[device.type],
         "max_param_diff": max(param_diffs), "recipe_between_steps_ms": round(gap_ms, 3),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
     }
