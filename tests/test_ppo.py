@@ -151,6 +151,37 @@ def test_critic_warmup_freezes_the_policy_and_then_lets_it_learn(tiny_sft, tiny_
     assert changed["2"] == [] and changed["1"], changed
 
 
+@pytest.mark.parametrize("head", ["reward_model", "zero"])
+def test_value_head_init_keeps_the_reward_models_backbone_and_zero_starts_every_value_at_0(
+        head, tiny_sft, tiny_reward, tiny_chat_data, tmp_path):
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    from recipes.rl import ppo
+    from recipes.rl.ppo_trainer import PPOTrainer
+    from recipes.rl.rewards import correctness_reward
+
+    argv = ppo_argv(tiny_sft, tiny_reward, tiny_chat_data, tmp_path / head, "--value_head_init", head,
+                    "--reward_weights", "1.0")
+    args = ppo.parse_args(argv)[1]
+    reward_model = AutoModelForSequenceClassification.from_pretrained(tiny_reward)
+    critic = AutoModelForSequenceClassification.from_pretrained(tiny_reward)
+    prompts = Dataset.from_list([{"prompt": [{"role": "user", "content": f"What is {a} + 1?"}], "task": "arithmetic",
+                                  "answer": str(a + 1)} for a in range(8)])
+    trainer = PPOTrainer(args=args, processing_class=AutoTokenizer.from_pretrained(tiny_sft),
+                         model=AutoModelForCausalLM.from_pretrained(tiny_sft),
+                         ref_model=AutoModelForCausalLM.from_pretrained(tiny_sft), value_model=critic,
+                         reward_funcs=[correctness_reward], train_dataset=prompts)
+    backbone, reference = trainer.model.critic_backbone.state_dict(), reward_model.model.state_dict()
+    assert all(torch.equal(backbone[k], reference[k]) for k in reference)
+    values = trainer._rollout(*next(trainer._prompt_batches()))["values"]
+    if head == "zero":
+        assert torch.count_nonzero(trainer.model.value_model.score.weight) == 0 and torch.all(values == 0)
+    else:
+        assert torch.equal(trainer.model.value_model.score.weight, reward_model.score.weight)
+        assert torch.count_nonzero(values) > 0
+
+
 def test_kl_penalty_keeps_the_policy_near_the_reference(tiny_sft, tiny_reward, tiny_chat_data, tmp_path):
     """Same seed, same data, same learning rate: lambda = 0 drifts further from the SFT model than lambda > 0."""
     kls = {}

@@ -65,6 +65,10 @@ class PPOConfig(TrainingArguments):
     critic_warmup_updates: int = field(default=0, metadata={
         "help": "Updates at the start that train the critic alone (policy loss weighted 0): a critic initialised "
                 "from the reward model does not yet predict the returns, and its errors would be the advantages."})
+    value_head_init: str = field(default="reward_model", metadata={
+        "help": "The critic's scalar head: `reward_model` keeps the reward model's, `zero` starts it at 0 (the "
+                "backbone stays the reward model's), so first advantages are the returns' own spread, not the "
+                "reward model's scale.", "choices": ["reward_model", "zero"]})
     trust_remote_code: bool = field(default=False, metadata={"help": "Run model code from the Hub (off: safer)."})
     reward_weights: list[float] | None = field(default=None, metadata={
         "help": "Weights of the reward functions in the score (default: all 1)."})
@@ -251,7 +255,11 @@ class PPOTrainer(Trainer):
         if self.uses_adapter and not hasattr(model, "disable_adapter"):
             raise UserError("PPO: ref_model may be left out only for a PEFT policy (its reference is the "
                             "policy with the adapter disabled)")
-        wrapper = PolicyAndValueWrapper(model, value_model)
+        wrapper = PolicyAndValueWrapper(model, value_model)  # checks that the critic has a `score` head
+        if args.value_head_init == "zero":
+            with torch.no_grad():
+                for param in value_model.score.parameters():
+                    param.zero_()
         super().__init__(model=wrapper, args=args, processing_class=processing_class, train_dataset=train_dataset,
                          callbacks=callbacks)
         self.ref_model = ref_model
