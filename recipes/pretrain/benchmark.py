@@ -11,11 +11,8 @@
     # CUDA, bf16 autocast (peak = measured bf16 matmul on the GPU)
     python recipes/pretrain/benchmark.py --bf16 true --batch_size 32 --seq_len 1024
 
-    # the ~350M preset's shape and hyperparameters on one GPU, compiled (tests/run_gpu.sh runs this)
-    python recipes/pretrain/benchmark.py --recipe_config recipes/pretrain/llama_350m_fineweb.yaml \
-        --hidden_size 1024 --intermediate_size 2816 --num_hidden_layers 24 --num_attention_heads 16 \
-        --tie_word_embeddings true --max_position_embeddings 2048 --vocab_size 32768 --seq_len 2048 \
-        --batch_size 16 --bf16 true --torch_compile true --rounds 1
+    # the ~350M preset's shape and hyperparameters in bf16 on one GPU, eager and compiled: its flags are in
+    bash tests/run_gpu.sh
 
 What it measures. One model built by the recipe's own `build_config` (shape flags are the recipe's
 ArchitectureArguments; the default is a Llama with hidden 256, 4 layers, 4 heads, intermediate 768,
