@@ -182,6 +182,39 @@ def test_value_head_init_keeps_the_reward_models_backbone_and_zero_starts_every_
         assert torch.count_nonzero(values) > 0
 
 
+def test_critic_learning_rate_trains_the_critic_alone_when_the_policy_rate_is_0(
+        tiny_sft, tiny_reward, tiny_chat_data, tmp_path):
+    """critic_learning_rate puts every critic parameter (and only those) in groups at its own rate: at policy
+    learning rate 0 the policy keeps the SFT weights exactly while the critic moves."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    from recipes.rl import ppo
+    from recipes.rl.ppo_trainer import PPOTrainer
+    from recipes.rl.rewards import correctness_reward
+
+    argv = ppo_argv(tiny_sft, tiny_reward, tiny_chat_data, tmp_path / "critic_lr", "--learning_rate", "0",
+                    "--critic_learning_rate", "1e-2", "--reward_weights", "1.0", "--total_episodes", "8")
+    args = ppo.parse_args(argv)[1]
+    prompts = Dataset.from_list([{"prompt": [{"role": "user", "content": f"What is {a} + 1?"}], "task": "arithmetic",
+                                  "answer": str(a + 1)} for a in range(8)])
+    trainer = PPOTrainer(args=args, processing_class=AutoTokenizer.from_pretrained(tiny_sft),
+                         model=AutoModelForCausalLM.from_pretrained(tiny_sft),
+                         ref_model=AutoModelForCausalLM.from_pretrained(tiny_sft),
+                         value_model=AutoModelForSequenceClassification.from_pretrained(tiny_reward),
+                         reward_funcs=[correctness_reward], train_dataset=prompts)
+    policy_before = {k: v.clone() for k, v in trainer.model.policy.state_dict().items()}
+    critic_before = {k: v.clone() for k, v in trainer.model.value_model.state_dict().items()}
+    optimizer = trainer.create_optimizer()
+    critic_ids = {id(p) for p in trainer.model.value_model.parameters()}
+    grouped = [(id(p), group["lr"]) for group in optimizer.param_groups for p in group["params"]]
+    assert sorted(i for i, _ in grouped) == sorted(id(p) for p in trainer.model.parameters() if p.requires_grad)
+    assert all(lr == (1e-2 if i in critic_ids else 0.0) for i, lr in grouped)
+    trainer.train()
+    assert all(torch.equal(policy_before[k], v) for k, v in trainer.model.policy.state_dict().items())
+    assert any(not torch.equal(critic_before[k], v) for k, v in trainer.model.value_model.state_dict().items())
+
+
 def test_kl_penalty_keeps_the_policy_near_the_reference(tiny_sft, tiny_reward, tiny_chat_data, tmp_path):
     """Same seed, same data, same learning rate: lambda = 0 drifts further from the SFT model than lambda > 0."""
     kls = {}

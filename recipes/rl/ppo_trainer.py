@@ -65,6 +65,9 @@ class PPOConfig(TrainingArguments):
     critic_warmup_updates: int = field(default=0, metadata={
         "help": "Updates at the start that train the critic alone (policy loss weighted 0): a critic initialised "
                 "from the reward model does not yet predict the returns, and its errors would be the advantages."})
+    critic_learning_rate: float | None = field(default=None, metadata={
+        "help": "Learning rate of the critic (default: learning_rate). The critic must fit the returns before its "
+                "per-token values can assign credit, and at the policy's small step it fits them slowly."})
     value_head_init: str = field(default="reward_model", metadata={
         "help": "The critic's scalar head: `reward_model` keeps the reward model's, `zero` starts it at 0 (the "
                 "backbone stays the reward model's), so first advantages are the returns' own spread, not the "
@@ -283,6 +286,29 @@ class PPOTrainer(Trainer):
         if len(train_dataset) < self.rollout_batch_size * self.world_size:
             raise UserError(f"PPO: {len(train_dataset)} prompts is fewer than one rollout batch "
                             f"({self.rollout_batch_size} x {self.world_size} processes)")
+
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer, with the critic's parameters in groups of their own at
+        `critic_learning_rate` (the schedule scales both learning rates by the same factor)."""
+        if self.args.critic_learning_rate is None or self.optimizer is not None:
+            return super().create_optimizer(model)
+        opt_model = self.model if model is None else model
+        critic = {id(p) for p in getattr(opt_model, "module", opt_model).value_model.parameters()}
+        decay = set(self.get_decay_parameter_names(opt_model))
+        groups = []
+        for in_critic in (False, True):
+            for decayed in (True, False):
+                params = [p for n, p in opt_model.named_parameters()
+                          if p.requires_grad and (id(p) in critic) == in_critic and (n in decay) == decayed]
+                group = {"params": params, "weight_decay": self.args.weight_decay if decayed else 0.0}
+                if in_critic:
+                    group["lr"] = self.args.critic_learning_rate
+                if params:
+                    groups.append(group)
+        optimizer_cls, optimizer_kwargs = (self.optimizer_cls_and_kwargs if self.optimizer_cls_and_kwargs
+                                           else self.get_optimizer_cls_and_kwargs(self.args, opt_model))
+        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
 
     # ------------------------------------------------------------------ data
     def _prompt_batches(self):
