@@ -453,6 +453,7 @@ class PPOTrainer(Trainer):
                     "entropy": stats["entropy"], "loss/policy": stats["loss/policy"], "loss/value": stats["loss/value"],
                     "clipfrac": stats["clipfrac"], "clipfrac/value": stats["clipfrac/value"],
                     "approxkl": stats["approxkl"], "ratio": stats["ratio"],
+                    **{key: value for key, value in stats.items() if key.startswith("grad_norm/")},
                     "response_length": self._mean(mask.sum(dim=1)), "eos_rate": self._mean(rollout["ended"]),
                     "kl_coef": self.kl_controller.value, "learning_rate": self.lr_scheduler.get_last_lr()[0],
                     "episode": update * self.rollout_batch_size * self.world_size,
@@ -467,7 +468,7 @@ class PPOTrainer(Trainer):
         args = self.args
         mask = rollout["mask"]
         sums: dict[str, float] = {}
-        count = 0
+        count = steps = 0
         for _ in range(args.num_ppo_epochs):
             order = torch.randperm(self.rollout_batch_size)
             for mini_start in range(0, self.rollout_batch_size, self.mini_batch_size):
@@ -493,6 +494,13 @@ class PPOTrainer(Trainer):
                     backward_kwargs = {"scale_wrt_gas": False} if self.is_deepspeed_enabled else {}
                     self.accelerator.backward(loss, **backward_kwargs)
                     if last:
+                        if not self.is_deepspeed_enabled:  # ZeRO keeps partitioned gradients out of `.grad`
+                            for part, params in (("policy", self.model.policy.parameters()),
+                                                 ("critic", self.model.value_model.parameters())):
+                                grads = [p.grad for p in params if p.grad is not None]
+                                norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+                                sums[f"grad_norm/{part}"] = sums.get(f"grad_norm/{part}", 0.0) + float(norm)
+                            steps += 1
                         if args.max_grad_norm and args.max_grad_norm > 0:
                             self.accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                         self.optimizer.step()
@@ -505,7 +513,8 @@ class PPOTrainer(Trainer):
                     for key, value in step_stats.items():
                         sums[key] = sums.get(key, 0.0) + float(value.detach())
                     count += 1
-        return {key: self._mean(torch.tensor(total / count, device=self.accelerator.device))
+        return {key: self._mean(torch.tensor(total / (steps if key.startswith("grad_norm/") else count),
+                                             device=self.accelerator.device))
                 for key, total in sums.items()}
 
     def _mean(self, values: torch.Tensor) -> float:
