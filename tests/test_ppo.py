@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT
-from recipes.rl.ppo_trainer import (AdaptiveKLController, clipped_policy_loss, clipped_value_loss, compute_gae,
+from recipes.rl.ppo_trainer import (AdaptiveKLController, PPOTrainer, clipped_policy_loss, clipped_value_loss, compute_gae,
                                     first_true_index, kl_shaped_rewards, masked_whiten)
 
 
@@ -69,6 +69,28 @@ def test_clipping_bounds_the_policy_ratio():
     loss, clipfrac = clipped_value_loss(torch.tensor([[0.9]]), torch.tensor([[0.0]]), torch.tensor([[1.0]]),
                                         torch.ones(1, 1), cliprange_value=0.5)
     assert loss.item() == pytest.approx(0.5 * 0.25) and clipfrac.item() == 1.0
+
+
+@pytest.mark.parametrize("separately", [False, True])
+def test_gradient_clipping_of_policy_and_critic_jointly_or_separately(separately):
+    """Policy gradient norm 0.6 (over two tensors), critic 4.0, max_grad_norm 1: joint clipping scales both by
+    1 / |(0.6, 4.0)|; separate clipping leaves the policy alone and brings the critic to norm 1."""
+    from types import SimpleNamespace
+
+    policy, value_model = torch.nn.Linear(2, 1, bias=True), torch.nn.Linear(1, 1, bias=False)
+    policy.weight.grad, policy.bias.grad = torch.tensor([[0.6, 0.0]]), torch.zeros(1)
+    value_model.weight.grad = torch.tensor([[4.0]])
+    fake = SimpleNamespace(args=SimpleNamespace(max_grad_norm=1.0, clip_critic_separately=separately),
+                           is_deepspeed_enabled=False, is_fsdp_enabled=False,
+                           accelerator=SimpleNamespace(unscale_gradients=lambda: None),
+                           model=SimpleNamespace(policy=policy, value_model=value_model))
+    sums = {}
+    PPOTrainer._clip_gradients(fake, None, sums)
+    assert sums == pytest.approx({"grad_norm/policy": 0.6, "grad_norm/critic": 4.0})
+    joint = (0.6 ** 2 + 4.0 ** 2) ** 0.5
+    policy_scale, critic_scale = (1.0, 1 / 4.0) if separately else (1 / joint, 1 / joint)
+    assert policy.weight.grad[0, 0].item() == pytest.approx(0.6 * policy_scale, rel=1e-5)
+    assert value_model.weight.grad.item() == pytest.approx(4.0 * critic_scale, rel=1e-5)
 
 
 def test_adaptive_kl_controller_and_helpers():

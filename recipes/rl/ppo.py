@@ -150,8 +150,8 @@ def main(script_args, training_args, model_args, peft_args, callbacks=None) -> d
 
 PPO_KEYS = ("total_episodes", "num_ppo_epochs", "num_mini_batches", "response_length", "temperature", "top_p",
             "kl_coef", "adaptive_kl", "target_kl", "cliprange", "cliprange_value", "vf_coef", "gamma", "lam",
-            "critic_warmup_updates", "critic_learning_rate", "value_head_init", "missing_eos_penalty",
-            "reward_weights")
+            "critic_warmup_updates", "critic_learning_rate", "clip_critic_separately", "value_head_init",
+            "missing_eos_penalty", "reward_weights")
 
 
 def _evaluate(policy, tokenizer, prompts, scorer, reference, args, measure_kl: bool = True) -> dict:

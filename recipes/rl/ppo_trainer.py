@@ -68,6 +68,10 @@ class PPOConfig(TrainingArguments):
     critic_learning_rate: float | None = field(default=None, metadata={
         "help": "Learning rate of the critic (default: learning_rate). The critic must fit the returns before its "
                 "per-token values can assign credit, and at the policy's small step it fits them slowly."})
+    clip_critic_separately: bool = field(default=False, metadata={
+        "help": "Clip the policy's and the critic's gradients to max_grad_norm each, rather than jointly: the "
+                "critic's gradient is often several times the policy's, and a joint clip then shrinks the policy's "
+                "step by the critic's error. Not under DeepSpeed or FSDP, which clip their one engine jointly."})
     value_head_init: str = field(default="reward_model", metadata={
         "help": "The critic's scalar head: `reward_model` keeps the reward model's, `zero` starts it at 0 (the "
                 "backbone stays the reward model's), so first advantages are the returns' own spread, not the "
@@ -494,15 +498,8 @@ class PPOTrainer(Trainer):
                     backward_kwargs = {"scale_wrt_gas": False} if self.is_deepspeed_enabled else {}
                     self.accelerator.backward(loss, **backward_kwargs)
                     if last:
-                        if not self.is_deepspeed_enabled:  # ZeRO keeps partitioned gradients out of `.grad`
-                            for part, params in (("policy", self.model.policy.parameters()),
-                                                 ("critic", self.model.value_model.parameters())):
-                                grads = [p.grad for p in params if p.grad is not None]
-                                norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
-                                sums[f"grad_norm/{part}"] = sums.get(f"grad_norm/{part}", 0.0) + float(norm)
-                            steps += 1
-                        if args.max_grad_norm and args.max_grad_norm > 0:
-                            self.accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                        self._clip_gradients(model, sums)
+                        steps += 1
                         self.optimizer.step()
                         model.zero_grad()
                     with torch.no_grad():
@@ -516,6 +513,29 @@ class PPOTrainer(Trainer):
         return {key: self._mean(torch.tensor(total / (steps if key.startswith("grad_norm/") else count),
                                              device=self.accelerator.device))
                 for key, total in sums.items()}
+
+    def _clip_gradients(self, model, sums: dict) -> None:
+        """Clip at max_grad_norm (per part with clip_critic_separately, else jointly) and add each part's
+        norm before clipping to `sums`."""
+        args = self.args
+        max_norm = args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else None
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            # one engine whose gradients are partitioned (ZeRO) or sharded (FSDP): joint clipping, no part norms
+            if max_norm:
+                self.accelerator.clip_grad_norm_(model.parameters(), max_norm)
+            return
+        self.accelerator.unscale_gradients()  # fp16: norms of the true gradients
+        parts = {"policy": [p for p in self.model.policy.parameters() if p.grad is not None],
+                 "critic": [p for p in self.model.value_model.parameters() if p.grad is not None]}
+        norms = {}
+        for part, params in parts.items():
+            norms[part] = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
+            sums[f"grad_norm/{part}"] = sums.get(f"grad_norm/{part}", 0.0) + float(norms[part])
+            if max_norm and args.clip_critic_separately and params:
+                torch.nn.utils.clip_grads_with_norm_(params, max_norm, norms[part])
+        if max_norm and not args.clip_critic_separately:
+            joint = torch.linalg.vector_norm(torch.stack([norms["policy"].float(), norms["critic"].float()]))
+            torch.nn.utils.clip_grads_with_norm_(parts["policy"] + parts["critic"], max_norm, joint)
 
     def _mean(self, values: torch.Tensor) -> float:
         """Mean over every process's values."""
