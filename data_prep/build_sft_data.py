@@ -67,6 +67,10 @@ class SFTDataArguments:
     system_fraction: float = field(default=0.3, metadata={"help": "Share of rows with a system prompt."})
     multi_turn_fraction: float = field(default=0.3, metadata={"help": "Share of rows with 2-3 user turns."})
     max_docstring_functions: int = field(default=40, metadata={"help": "Stdlib functions in the docstring family."})
+    train_followup_fraction: float | None = field(
+        default=None, metadata={"help": "Share of train rows, among those whose question has a follow-up ('Now "
+                                        "reverse it.'), that end with one (made two-turn if needed; held-out splits "
+                                        "unchanged). Default: half of the multi-turn rows."})
     train_family_weights: list[float] | None = field(
         default=None, metadata={"help": "One weight per family, in the order of --families: their shares of the "
                                         "train rows (held-out splits stay balanced). Default: equal."})
@@ -151,7 +155,8 @@ def build_splits(args: SFTDataArguments) -> tuple[dict[str, list[dict]], dict]:
     if args.source == "embedded":
         generator = ChatTaskGenerator(args.seed, args.families, args.system_fraction, args.multi_turn_fraction,
                                       max_docstring_functions=args.max_docstring_functions,
-                                      train_family_weights=args.train_family_weights)
+                                      train_family_weights=args.train_family_weights,
+                                      train_followup_fraction=args.train_followup_fraction)
         sizes = dict(zip(SPLITS, (args.train_size, args.test_size, args.preference_size, args.rl_size)))
         inputs = {"source": "embedded", "python": sys.version.split()[0],
                   "docstring_pool": fingerprint(generator.pool), "docstring_functions": len(generator.pool)}
@@ -213,7 +218,7 @@ def build_sft_data(args: SFTDataArguments) -> dict:
     data = DatasetDict({name: Dataset.from_list(rows) for name, rows in splits.items() if rows})
     outputs = {name: split_stats(rows) for name, rows in splits.items()}
     embedded_only = ("train_size", "test_size", "preference_size", "rl_size", "families", "train_family_weights",
-                     "system_fraction", "multi_turn_fraction", "max_docstring_functions")
+                     "system_fraction", "multi_turn_fraction", "max_docstring_functions", "train_followup_fraction")
     hub_only = ("input_path", "dataset_name", "dataset_config", "train_split", "test_split", "format", "max_rows",
                 "test_fraction")
     skip = ("output_dir", "overwrite", *(hub_only if args.source == "embedded" else embedded_only))

@@ -319,12 +319,13 @@ class ChatTaskGenerator:
 
     def __init__(self, seed: int = 42, families: Sequence[str] = FAMILIES, system_fraction: float = 0.3,
                  multi_turn_fraction: float = 0.3, followup_fraction: float = 0.5, max_docstring_functions: int = 40,
-                 train_family_weights: Sequence[float] | None = None):
+                 train_family_weights: Sequence[float] | None = None, train_followup_fraction: float | None = None):
         unknown = [f for f in families if f not in FAMILIES]
         if unknown or not families:
             raise UserError(f"unknown task family {', '.join(unknown) or '(none given)'} (use {', '.join(FAMILIES)})")
         for name, value in (("system_fraction", system_fraction), ("multi_turn_fraction", multi_turn_fraction),
-                            ("followup_fraction", followup_fraction)):
+                            ("followup_fraction", followup_fraction),
+                            ("train_followup_fraction", 0 if train_followup_fraction is None else train_followup_fraction)):
             if not 0 <= value <= 1:
                 raise UserError(f"{name} must be in [0, 1], got {value}")
         self.seed, self.families = seed, tuple(families)
@@ -334,7 +335,7 @@ class ChatTaskGenerator:
                             f"got {weights}")
         self.train_family_weights = weights
         self.system_fraction, self.multi_turn_fraction = system_fraction, multi_turn_fraction
-        self.followup_fraction = followup_fraction
+        self.followup_fraction, self.train_followup_fraction = followup_fraction, train_followup_fraction
         self.pool = docstring_pool(max_docstring_functions) if "docstring" in families else []
         if "docstring" in families and len(self.pool) < 2:
             raise UserError(f"max_docstring_functions must be at least 2, got {max_docstring_functions}")
@@ -375,7 +376,14 @@ class ChatTaskGenerator:
         messages = [{"role": "system", "content": system}] if system else []
         turns = [self.turn(rng.choice(self.families), split, rng) for _ in range(n_turns - 1)]
         last = self.turn(family, split, rng, label)
-        if turns and last.followups and rng.random() < self.followup_fraction:
+        if split == "train" and self.train_followup_fraction is not None:
+            # a share of all train rows that can end in a follow-up, single-turn shapes included
+            follow_up = bool(last.followups) and rng.random() < self.train_followup_fraction
+            if follow_up and not turns:
+                turns = [last]
+        else:  # held-out splits keep their mix, so their figures stay comparable
+            follow_up = bool(turns) and bool(last.followups) and rng.random() < self.followup_fraction
+        if follow_up:
             turns[-1] = last  # ask about it, then follow up on the answer
             prompt, answer = rng.choice(last.followups)
             last = Turn(family, prompt, answer)

@@ -462,6 +462,31 @@ def test_train_family_weights_shift_train_only(splits, tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+def test_train_followup_fraction_shifts_train_only(splits, tmp_path):
+    def ends_in_follow_up(row):
+        return row["messages"][-2]["content"].startswith("Now ")
+
+    every = generate_chat_splits(SIZES, seed=7, train_followup_fraction=1.0)
+    for split in ("test", "preference_prompts", "rl_prompts"):  # held-out splits: unchanged
+        assert [r["messages"] for r in every[split]] == [r["messages"] for r in splits[split]], split
+    # sort always has a follow-up, so every sort row of train ends in one, single-turn shapes included
+    sort_rows = [r for r in every["train"] if r["task"] == "sort"]
+    assert sort_rows and all(ends_in_follow_up(r) for r in sort_rows)
+    for row in sort_rows:  # the question it follows up is the turn just before, answered
+        first_user = [m["content"] for m in row["messages"] if m["role"] == "user"][-2]
+        assert not first_user.startswith("Now ")
+    assert not any(ends_in_follow_up(r) for r in every["train"] if r["task"] in ("units", "docstring", "safety"))
+    never = generate_chat_splits(SIZES, seed=7, train_followup_fraction=0.0)
+    assert not any(ends_in_follow_up(r) for r in never["train"])
+    default_share = sum(map(ends_in_follow_up, splits["train"])) / len(splits["train"])
+    assert 0.03 < default_share < 0.2
+    manifest = build_sft_data.main(["--output_dir", str(tmp_path / "f"), *SMALL_CLI, "--train_followup_fraction", "0.5"])
+    assert manifest["options"]["train_followup_fraction"] == 0.5
+    with pytest.raises(UserError, match=r"train_followup_fraction must be in \[0, 1\], got 1.5"):
+        build_sft_data.main(["--output_dir", str(tmp_path / "bad"), *SMALL_CLI, "--train_followup_fraction", "1.5"])
+    assert not (tmp_path / "bad").exists()
+
+
 def test_unknown_yaml_key_is_refused(tmp_path):
     config = tmp_path / "sft_data.yaml"
     config.write_text(f"output_dir: {tmp_path / 'out'}\ntrain_sise: 10\n")
