@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -206,6 +207,24 @@ def check_output(out, metrics, stage, parent):
     png = (out / "rl_curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     assert "rl_curves.png" in (out / "README.md").read_text()
+    check_curves_json(out, metrics, stage)
+
+
+def check_curves_json(out, metrics, stage):
+    """rl_curves.json holds the figures rl_curves.png draws, and loads back as another run's reference."""
+    from recipes.rl.common import curve_series, load_reference_curves
+
+    curves = load_reference_curves(str(out / "rl_curves.json"))
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    assert curves["stage"] == stage and curves["steps"] == metrics["steps"] and curves["reward"] and curves["kl"]
+    assert {k: v for k, v in curves.items() if k in ("reward", "kl")} == json.loads(json.dumps(
+        curve_series(history, curves["settings"].get("beta") if stage == "dpo" else None)))
+    first = next(h for h in history if "loss" in h)
+    key = "reward" if stage != "dpo" else "rewards/margins"
+    assert curves["reward"][key][0] == [first["step"], first[key]]
+    for when in ("before", "after"):
+        assert curves["held_out"][when]["exact_match"] == metrics[when]["exact_match"]
+    assert curves["recorded_with"]["torch"] == torch.__version__
 
 
 @pytest.mark.parametrize("method", ["grpo", "rloo"])
@@ -250,6 +269,47 @@ def test_dpo_recipe_trains_saves_and_reports(tiny_sft, tiny_reward, tiny_chat_da
     AutoModelForCausalLM.from_pretrained(out)
 
 
+@pytest.mark.parametrize("method", ["grpo", "dpo"])
+def test_scoring_only_labelled_positions_leaves_the_run_unchanged(method, tiny_sft, tiny_reward, tiny_chat_data,
+                                                                  tmp_path, monkeypatch):
+    """The GRPO (and RLOO) and DPO recipes make TRL's fused LM head project only the completion positions on a
+    CPU (recipes.common.fused_head_on_labelled_positions_only); the same seeded run with TRL's own CPU choice,
+    every position, logs the same losses and rewards and saves the same weights."""
+    import trl.trainer.utils as trl_utils
+    from safetensors.torch import load_file
+
+    module = {"grpo": grpo, "dpo": dpo}[method]
+
+    def argv(out):
+        return (online_argv("grpo", tiny_sft, tiny_reward, tiny_chat_data, out) if method == "grpo"
+                else dpo_argv(tiny_sft, tiny_reward, tiny_chat_data, out)) + ["--eval_policy", "false"]
+
+    def logged(out):
+        history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+        return [[h[k] for k in sorted(h) if k.endswith(("loss", "reward", "margins")) and k != "train_loss"]
+                for h in history if "loss" in h]
+
+    with monkeypatch.context() as patch:
+        patch.setattr(trl_utils, "_use_triton", lambda device: False)
+        patch.setattr(module, "fused_head_on_labelled_positions_only", lambda: False)
+        run(module, argv(tmp_path / "every_position"))
+        assert not trl_utils._use_triton(torch.device("cpu"))
+    with monkeypatch.context() as patch:
+        patch.setattr(trl_utils, "_use_triton", lambda device: False)
+        run(module, argv(tmp_path / "labelled_only"))
+        assert trl_utils._use_triton(torch.device("cpu"))  # the recipe made the switch
+
+    full, compact = logged(tmp_path / "every_position"), logged(tmp_path / "labelled_only")
+    assert len(full) == 2 and all(len(row) >= 2 for row in full)
+    assert torch.allclose(torch.tensor(compact), torch.tensor(full), rtol=1e-4, atol=1e-5)
+    full_weights = load_file(tmp_path / "every_position" / "model.safetensors")
+    compact_weights = load_file(tmp_path / "labelled_only" / "model.safetensors")
+    assert full_weights.keys() == compact_weights.keys()
+    assert any(not torch.equal(full_weights[k], load_file(tiny_sft / "model.safetensors")[k]) for k in full_weights)
+    for name, weight in full_weights.items():
+        assert torch.allclose(compact_weights[name], weight, atol=1e-5), name
+
+
 def test_bad_inputs_stop_with_one_line(tiny_sft, tiny_reward, tiny_chat_data, tmp_path):
     cases = [
         (grpo, online_argv("grpo", tiny_sft, tiny_reward, tiny_chat_data, tmp_path / "a", "--dataset_train_split",
@@ -271,6 +331,62 @@ def test_bad_inputs_stop_with_one_line(tiny_sft, tiny_reward, tiny_chat_data, tm
         assert "\n" not in str(err.value)
     for name in "abcdef":
         assert not (tmp_path / name / "manifest.json").exists()
+
+
+def test_reference_curves_draw_dashed_under_the_run_and_bad_files_stop_with_one_line(tmp_path):
+    from recipes.rl.common import CURVES_FORMAT, curve_series, load_reference_curves, plot_curves
+
+    history = [{"step": s, "loss": 0.1, "reward": 0.1 * s, "kl": 0.01 * s, "completions/mean_length": 10.0}
+               for s in (1, 2, 3)] + [{"step": 3, "train_runtime": 1.0}]
+    series = curve_series(history)
+    assert series == {"reward": {"reward": [[1, 0.1], [2, 0.2], [3, 0.30000000000000004]]},
+                      "kl": {"KL per sequence (training)": [[1, 0.1], [2, 0.2], [3, 0.3]]}}
+    good = tmp_path / "ref.json"
+    good.write_text(json.dumps({"format": CURVES_FORMAT, "stage": "grpo", **series}))
+    reference = load_reference_curves(str(good))
+    figure = plot_curves(curve_series(history[:2]), tmp_path / "run.png", "run", held_out_kl=(2, 0.3),
+                         reference=reference)
+    lines = {line.get_label(): line for ax in figure.axes for line in ax.get_lines()}
+    assert lines["reward, reference"].get_linestyle() == "--" and lines["reward"].get_linestyle() == "-"
+    assert lines["reward, reference"].get_color() == lines["reward"].get_color()
+    assert list(lines["KL per sequence (training), reference"].get_ydata()) == [0.1, 0.2, 0.3]
+    assert "ref.json" in figure.texts[0].get_text()  # the title names the reference
+    assert (tmp_path / "run.png").stat().st_size > 5000
+
+    cases = {"missing.json": (None, "reference_curves: .*missing.json is not a file"),
+             "bad.json": ('{"format": \n', r"bad.json: not a JSON file \(.*line 2"),
+             "other.json": (json.dumps({"format": "x", "reward": {}, "kl": {}}), "other.json: not an rl_curves.json"),
+             "points.json": (json.dumps({"format": CURVES_FORMAT, "reward": {"reward": [[1]]}, "kl": {}}),
+                             r"points.json: reward\['reward'\] is not a list of \[step, value\] pairs")}
+    for name, (text, needle) in cases.items():
+        if text is not None:
+            (tmp_path / name).write_text(text)
+        with pytest.raises(UserError, match=needle) as err:
+            load_reference_curves(str(tmp_path / name))
+        assert "\n" not in str(err.value)
+    assert load_reference_curves(None) is None
+
+
+TINY_RL_YAMLS = [REPO_ROOT / f"recipes/rl/{m}_tiny.yaml" for m in ("ppo", "grpo", "rloo", "dpo")]
+
+
+@pytest.mark.parametrize("path", TINY_RL_YAMLS, ids=lambda p: p.name)
+def test_each_tiny_preset_ships_the_reference_curves_of_its_own_settings(path, monkeypatch):
+    """The reference a tiny preset names was recorded with that preset's settings: changing the preset
+    without recording its run again fails here."""
+    from recipes.rl import ppo
+    from recipes.rl.common import load_reference_curves
+
+    monkeypatch.chdir(REPO_ROOT / "tests")  # a relative reference is also found from the repository root
+    method = path.name.split("_")[0]
+    module = {"ppo": ppo, "grpo": grpo, "rloo": rloo, "dpo": dpo}[method]
+    script_args, training_args, _, _ = module.parse_args(["--config", str(path)])
+    reference = load_reference_curves(script_args.reference_curves)
+    assert reference["stage"] == method and reference["run"] == Path(training_args.output_dir).name
+    for key, value in reference["settings"].items():
+        if key not in ("output_dir", "logging_steps", "bf16", "fp16"):
+            assert value == json.loads(json.dumps(getattr(training_args, key), default=str)), key
+    assert reference["reward"] and reference["kl"] and reference["held_out"]["after"]["exact_match"] > 0.8
 
 
 # ----------------------------------------------------------------------------- YAMLs

@@ -31,7 +31,17 @@ class RLShapingArguments:
 
 
 @dataclass
-class PromptArguments(RLShapingArguments):
+class ReferenceCurveArguments:
+    """A reference run whose curves rl_curves.png draws (dashed) under this run's."""
+
+    reference_curves: str | None = field(default=None, metadata={
+        "help": "An rl_curves.json: one shipped under recipes/rl/reference_curves/ (the tiny presets' measured "
+                "runs) or any earlier run's. A relative path is looked up from the working directory, then "
+                "from the repository root. Null: no reference."})
+
+
+@dataclass
+class PromptArguments(RLShapingArguments, ReferenceCurveArguments):
     """Prompts, rewards and held-out evaluation of the online RL recipes (GRPO, RLOO)."""
 
     dataset_path: str | None = field(default="outputs/sft_data", metadata={
@@ -107,46 +117,107 @@ def summary_line(before: dict, after: dict) -> str:
 
 REWARD_KEYS = ("reward", "rewards/reward_model/mean", "rewards/correctness_reward/mean", "rewards/margins",
                "rewards/accuracies")
+CURVES_FORMAT = "rl_curves/1"
+REPO = Path(__file__).resolve().parents[2]
 
 
-def plot_curves(log_history: list[dict], path: str | Path, title: str, beta: float | None = None,
-                held_out_kl: tuple[int, float] | None = None) -> None:
-    """rl_curves.png: the rewards TRL logged (left) and the KL to the reference (right), per step.
+def curve_series(log_history: list[dict], beta: float | None = None) -> dict[str, dict[str, list]]:
+    """What rl_curves.png draws, as {"reward": {name: [[step, value], ...]}, "kl": {...}}.
 
-    Online methods (GRPO, RLOO) log `kl` per token; it is drawn times the mean completion length,
-    an estimate per sequence. DPO logs the implicit rewards beta*log(pi/pi_ref) of the preference
-    responses; divided by beta they are the log-ratio per sequence on those (not the policy's own)
-    responses. `held_out_kl` = (step, value) marks the KL measured on held-out prompts after training.
+    Online methods log `kl`: PPO per sequence, GRPO/RLOO per token, which is drawn times the mean
+    completion length, an estimate per sequence. DPO logs the implicit rewards beta*log(pi/pi_ref) of
+    the preference responses; divided by beta they are the log-ratio per sequence on those (not the
+    policy's own) responses.
     """
+    logs = [h for h in log_history if "step" in h and "train_runtime" not in h]
+    reward = {key: [[h["step"], h[key]] for h in logs if key in h and math.isfinite(h[key])] for key in REWARD_KEYS}
+    kl = {"KL per sequence (training)": [[h["step"], h["kl"] * h.get("completions/mean_length", 1.0)]
+                                         for h in logs if "kl" in h and math.isfinite(h["kl"])]}
+    if beta:
+        for key in ("rewards/chosen", "rewards/rejected"):
+            kl[f"log pi/pi_ref on {key.split('/')[1]} (sequence)"] = [[h["step"], h[key] / beta]
+                                                                     for h in logs if key in h]
+    return {"reward": {k: v for k, v in reward.items() if v}, "kl": {k: v for k, v in kl.items() if v}}
+
+
+def load_reference_curves(path: str | None) -> dict | None:
+    """The rl_curves.json at `path` (see ReferenceCurveArguments), checked; None when path is None."""
+    if not path:
+        return None
+    candidates = [Path(path)] if Path(path).is_absolute() else [Path(path), REPO / path]
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        raise UserError(f"reference_curves: {path} is not a file (an rl_curves.json from "
+                        "recipes/rl/reference_curves/ or from an earlier run's output_dir)")
+    try:
+        data = json.loads(found.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{found}: not a JSON file ({err})") from None
+    if not (isinstance(data, dict) and data.get("format") == CURVES_FORMAT
+            and all(isinstance(data.get(panel), dict) for panel in ("reward", "kl"))):
+        raise UserError(f"{found}: not an rl_curves.json (needs \"format\": \"{CURVES_FORMAT}\" and the "
+                        "\"reward\" and \"kl\" series)")
+    for panel in ("reward", "kl"):
+        for name, points in data[panel].items():
+            if not (isinstance(points, list) and all(
+                    isinstance(p, list) and len(p) == 2 and all(isinstance(x, (int, float)) for x in p)
+                    for p in points)):
+                raise UserError(f"{found}: {panel}[{name!r}] is not a list of [step, value] pairs")
+    return {**data, "path": path}
+
+
+def plot_curves(series: dict, path: str | Path, title: str, held_out_kl: tuple[int, float] | None = None,
+                reference: dict | None = None):
+    """rl_curves.png: curve_series' rewards (left) and KL to the reference model (right), per step; a
+    reference run's (load_reference_curves) dashed in the same colours. `held_out_kl` = (step, value)
+    marks the KL measured on held-out prompts after training. Returns the matplotlib Figure."""
     # A bare Figure with an Agg canvas: no pyplot state, so a notebook's inline backend is left alone.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    logs = [h for h in log_history if "step" in h and "train_runtime" not in h]
     fig = Figure(figsize=(11, 4))
     FigureCanvasAgg(fig)
-    left, right = fig.subplots(1, 2)
-    for key in REWARD_KEYS:
-        points = [(h["step"], h[key]) for h in logs if key in h and math.isfinite(h[key])]
-        if points:
-            left.plot(*zip(*points), marker=".", label=key)
-    left.set(xlabel="step", ylabel="reward", title="reward (training batches)")
-    left.legend(fontsize=8)
-    if any("kl" in h for h in logs):
-        points = [(h["step"], h["kl"] * h.get("completions/mean_length", 1.0)) for h in logs if "kl" in h]
-        right.plot(*zip(*points), marker=".", label="kl per token x mean completion length (training)")
-    if beta:
-        for key in ("rewards/chosen", "rewards/rejected"):
-            points = [(h["step"], h[key] / beta) for h in logs if key in h]
-            if points:
-                right.plot(*zip(*points), marker=".", label=f"log pi/pi_ref on {key.split('/')[1]} (sequence)")
+    axes = dict(zip(("reward", "kl"), fig.subplots(1, 2)))
+    for panel, ax in axes.items():
+        names = list(dict.fromkeys([*series[panel], *(reference or {}).get(panel, {})]))
+        for index, name in enumerate(names):
+            colour = f"C{index % 10}"
+            if series[panel].get(name):
+                ax.plot(*zip(*series[panel][name]), marker=".", color=colour, label=name)
+            if reference and reference[panel].get(name):
+                ax.plot(*zip(*reference[panel][name]), linestyle="--", color=colour, alpha=0.6,
+                        label=f"{name}, reference")
     if held_out_kl is not None:
-        right.plot([0, held_out_kl[0]], [0.0, held_out_kl[1]], "k*", markersize=10, label="held-out KL per sequence")
-    right.set(xlabel="step", ylabel="nats per sequence", title="KL to the reference")
-    right.legend(fontsize=8)
+        axes["kl"].plot([held_out_kl[0]], [held_out_kl[1]], "k*", markersize=10, label="held-out KL per sequence")
+    axes["reward"].set(xlabel="step", ylabel="reward", title="reward (training batches)")
+    axes["kl"].set(xlabel="step", ylabel="nats per sequence", title="KL to the reference model")
+    for ax in axes.values():
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    if reference:
+        title += f"  (dashed: {Path(reference['path']).name})"
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+    return fig
+
+
+def _recorded_with() -> dict:
+    """Where a run's curves were measured: they move with the machine's floating-point kernels."""
+    import platform
+
+    import torch
+    import transformers
+    import trl
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__}
 
 
 def headline(metrics: dict) -> dict:
@@ -160,20 +231,33 @@ def headline(metrics: dict) -> dict:
 
 
 def finish_run(trainer, staging: Path, stage: str, inputs: dict, options: dict, metrics: dict, title: str,
-               summary: str, beta: float | None = None) -> None:
-    """Write metrics.json, trainer_state.json, rl_curves.png, README.md and (last) manifest.json, then publish."""
+               summary: str, beta: float | None = None, reference: dict | None = None) -> None:
+    """Write metrics.json, trainer_state.json, rl_curves.json and .png, README.md and (last) manifest.json, then
+    publish."""
     (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     trainer.state.save_to_json(str(staging / "trainer_state.json"))
     after = metrics.get("after")
-    plot_curves(trainer.state.log_history, staging / "rl_curves.png", f"{title}: {Path(trainer.args.output_dir).name}",
-                beta=beta, held_out_kl=(trainer.state.global_step, after["kl_per_sequence"]) if after else None)
+    series = curve_series(trainer.state.log_history, beta)
+    held_out = {when: {k: metrics[when].get(k) for k in ("mean_reward", "exact_match", "kl_per_sequence")}
+                for when in ("before", "after") if when in metrics}
+    curves = {"format": CURVES_FORMAT, "stage": stage, "run": Path(trainer.args.output_dir).name,
+              "steps": trainer.state.global_step, **series, "held_out": held_out,
+              "settings": options["training"], "recorded_with": _recorded_with()}
+    (staging / "rl_curves.json").write_text(json.dumps(curves, indent=1, default=str) + "\n")
+    plot_curves(series, staging / "rl_curves.png", f"{title}: {Path(trainer.args.output_dir).name}",
+                held_out_kl=(trainer.state.global_step, after["kl_per_sequence"]) if after else None,
+                reference=reference)
     shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in headline(metrics).items()}
     if after:
         shown["exact_match_by_task"] = json.dumps(after["by_task"])
+    curves_text = "![reward and KL](rl_curves.png)\n\nThe curves' figures: `rl_curves.json`."
+    if reference:
+        curves_text += (f" Dashed: the reference run `{reference['path']}` (held out: "
+                        f"{json.dumps(reference.get('held_out', {}))}).")
     card = model_card(title=title, summary=summary,
                       sections={"Lineage": inputs, "Training": options["training"],
                                 "PEFT": options.get("peft") or "full fine-tuning", "Metrics": shown,
-                                "Curves": "![reward and KL](rl_curves.png)"},
+                                "Curves": curves_text},
                       tags=[stage, "trl", "rlhf"])
     (staging / "README.md").write_text(card)
     write_manifest(staging, build_manifest(stage, inputs, options, headline(metrics)))

@@ -26,14 +26,15 @@ from dataclasses import asdict, dataclass, field
 from trl import DPOConfig, ModelConfig
 
 from data_prep.artifacts import UserError, parse_config, run_cli
-from recipes.common import (load_splits, mark_incomplete, resolve_resume, save_trained, training_summary,
-                            with_cpu_process_group)
+from recipes.common import (fused_head_on_labelled_positions_only, load_splits, mark_incomplete, resolve_resume,
+                            save_trained, training_summary, with_cpu_process_group)
 from recipes.peft_methods import PeftMethodArguments, build_peft_config, trainable_parameters
-from recipes.rl.common import evaluate_saved_policy, finish_run, load_policy, summary_line
+from recipes.rl.common import (ReferenceCurveArguments, evaluate_saved_policy, finish_run, load_policy,
+                              load_reference_curves, summary_line)
 
 
 @dataclass
-class ScriptArguments:
+class ScriptArguments(ReferenceCurveArguments):
     dataset_path: str = field(default="outputs/preference_data",
                               metadata={"help": "Output of data_prep.build_preference_data."})
     dataset_train_split: str = field(default="train")
@@ -58,6 +59,7 @@ def main(script_args, training_args, model_args, peft_args, callbacks=None) -> d
     from recipes.rl.rewards import RewardModelScorer
 
     started = time.time()
+    reference_curves = load_reference_curves(script_args.reference_curves)
     # ------------------------------------------------------------------ data
     data_manifest, train_pairs, test_pairs = load_splits(
         script_args.dataset_path, script_args.dataset_train_split, script_args.dataset_test_split, validate_preferences)
@@ -82,6 +84,8 @@ def main(script_args, training_args, model_args, peft_args, callbacks=None) -> d
 
     # ------------------------------------------------------------------ trainer
     # No ref_model: TRL loads a frozen copy of the starting model (or disables the LoRA adapter).
+    # Without Triton, TRL's fused LM head would also project every prompt and padding position (README).
+    fused_head_on_labelled_positions_only()
     trainer = DPOTrainer(model=model, args=training_args, train_dataset=train_pairs,
                          eval_dataset=test_pairs if training_args.eval_strategy != "no" else None,
                          processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
@@ -122,7 +126,7 @@ def main(script_args, training_args, model_args, peft_args, callbacks=None) -> d
                                                                 "precompute_ref_log_probs"))}
         finish_run(trainer, staging, "dpo", inputs, options, metrics, "Policy trained with DPO",
                    "DPO (TRL's DPOTrainer) from the SFT model on preference pairs, by this repository's RL recipe.",
-                   beta=training_args.beta)
+                   beta=training_args.beta, reference=reference_curves)
     trainer.accelerator.wait_for_everyone()
     return metrics
 

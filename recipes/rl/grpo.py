@@ -26,9 +26,11 @@ from dataclasses import asdict
 from trl import GRPOConfig, ModelConfig
 
 from data_prep.artifacts import UserError, parse_config, run_cli
-from recipes.common import mark_incomplete, save_trained, training_summary, with_cpu_process_group
+from recipes.common import (fused_head_on_labelled_positions_only, mark_incomplete, save_trained, training_summary,
+                            with_cpu_process_group)
 from recipes.peft_methods import PeftMethodArguments, build_peft_config, trainable_parameters
-from recipes.rl.common import PromptArguments, evaluate_saved_policy, finish_run, load_policy, summary_line
+from recipes.rl.common import (PromptArguments, evaluate_saved_policy, finish_run, load_policy, load_reference_curves,
+                              summary_line)
 
 
 # What differs between the online methods: the trainer, and the settings the manifest records.
@@ -46,6 +48,7 @@ def main(script_args, training_args, model_args, peft_args, callbacks=None, meth
     from recipes.rl.rewards import build_reward_funcs
 
     started = time.time()
+    reference_curves = load_reference_curves(script_args.reference_curves)
     # ------------------------------------------------------------------ data
     data_inputs, train_prompts, test_prompts = load_prompts(
         script_args.dataset_path, script_args.dataset_train_split, script_args.dataset_test_split,
@@ -69,6 +72,8 @@ def main(script_args, training_args, model_args, peft_args, callbacks=None, meth
 
     # ------------------------------------------------------------------ trainer
     trainer_class, recorded = getattr(trl, METHODS[method][0]), METHODS[method][1]
+    # Without Triton, TRL's fused LM head would also project every prompt and padding position (README).
+    fused_head_on_labelled_positions_only()
     trainer = trainer_class(model=model, reward_funcs=reward_funcs, args=training_args, train_dataset=train_prompts,
                             processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
     for func in reward_funcs:  # the reward model runs where the policy runs
@@ -110,7 +115,7 @@ def main(script_args, training_args, model_args, peft_args, callbacks=None, meth
                        *recorded))}
         finish_run(trainer, staging, method, inputs, options, metrics, f"Policy trained with {method.upper()}",
                    f"{method.upper()} (TRL's {METHODS[method][0]}) from the SFT model against a trained reward "
-                   "model, by this repository's RL recipe.")
+                   "model, by this repository's RL recipe.", reference=reference_curves)
     trainer.accelerator.wait_for_everyone()
     return metrics
 

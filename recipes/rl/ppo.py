@@ -28,12 +28,13 @@ from trl import ModelConfig
 from data_prep.artifacts import parse_config, run_cli
 from recipes.common import load_pretrained, mark_incomplete, no_zero3_init, training_summary, with_cpu_process_group
 from recipes.peft_methods import PeftMethodArguments, build_peft_config, trainable_parameters
-from recipes.rl.common import RLShapingArguments, finish_run, summary_line
+from recipes.rl.common import (ReferenceCurveArguments, RLShapingArguments, finish_run, load_reference_curves,
+                              summary_line)
 from recipes.rl.ppo_trainer import PPOConfig
 
 
 @dataclass
-class ScriptArguments(RLShapingArguments):
+class ScriptArguments(RLShapingArguments, ReferenceCurveArguments):
     dataset_path: str | None = field(default="outputs/sft_data", metadata={"help": "Output of data_prep.build_sft_data."})
     dataset_name: str | None = field(default=None, metadata={"help": "Or a Hub prompt set (prompt or messages column)."})
     dataset_config: str | None = field(default=None)
@@ -58,6 +59,7 @@ def main(script_args, training_args, model_args, peft_args, callbacks=None) -> d
 
     started = time.time()
     refuse_zero3()
+    reference_curves = load_reference_curves(script_args.reference_curves)
     # ------------------------------------------------------------------ data
     data_inputs, train_prompts, test_prompts = load_prompts(
         script_args.dataset_path, script_args.dataset_train_split, script_args.dataset_test_split,
@@ -143,7 +145,8 @@ def main(script_args, training_args, model_args, peft_args, callbacks=None) -> d
                    "training": training_summary(training_args, PPO_KEYS)}
         finish_run(trainer, staging, "ppo", inputs, options, metrics, title="PPO policy",
                    summary="A chat policy trained with PPO (clipped policy and value losses, GAE, a per-token KL "
-                           "penalty to the reference) against a learned reward model, by this repository's RL recipe.")
+                           "penalty to the reference) against a learned reward model, by this repository's RL recipe.",
+                   reference=reference_curves)
     trainer.accelerator.wait_for_everyone()
     return metrics
 
