@@ -168,7 +168,7 @@ def load_reference_curves(path: str | None) -> dict | None:
 
 def plot_curves(series: dict, path: str | Path, title: str, held_out_kl: tuple[int, float] | None = None,
                 reference: dict | None = None):
-    """rl_curves.png: curve_series' rewards (left) and KL to the reference model (right), per step; a
+    """rl_curves.png: curve_series' rewards (left) and KL to the reference model (right), per step, and a
     reference run's (load_reference_curves) dashed in the same colours. `held_out_kl` = (step, value)
     marks the KL measured on held-out prompts after training. Returns the matplotlib Figure."""
     # A bare Figure with an Agg canvas: no pyplot state, so a notebook's inline backend is left alone.
@@ -188,9 +188,9 @@ def plot_curves(series: dict, path: str | Path, title: str, held_out_kl: tuple[i
                 ax.plot(*zip(*reference[panel][name]), linestyle="--", color=colour, alpha=0.6,
                         label=f"{name}, reference")
     if held_out_kl is not None:
-        axes["kl"].plot([held_out_kl[0]], [held_out_kl[1]], "k*", markersize=10, label="held-out KL per sequence")
+        axes["kl"].plot([0, held_out_kl[0]], [0.0, held_out_kl[1]], "k*", markersize=10, label="held-out KL per sequence")
     axes["reward"].set(xlabel="step", ylabel="reward", title="reward (training batches)")
-    axes["kl"].set(xlabel="step", ylabel="nats per sequence", title="KL to the reference model")
+    axes["kl"].set(xlabel="step", ylabel="nats per sequence", title="KL to the reference")
     for ax in axes.values():
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
