@@ -341,6 +341,9 @@ def test_reference_curves_draw_dashed_under_the_run_and_bad_files_stop_with_one_
     series = curve_series(history)
     assert series == {"reward": {"reward": [[1, 0.1], [2, 0.2], [3, 0.30000000000000004]]},
                       "kl": {"KL per sequence (training)": [[1, 0.1], [2, 0.2], [3, 0.3]]}}
+    # PPO logs the reward model's mean as `reward` too: the same line is drawn once, under its own name.
+    ppo_like = [{**h, "rewards/reward_model/mean": h["reward"]} for h in history[:3]]
+    assert list(curve_series(ppo_like)["reward"]) == ["rewards/reward_model/mean"]
     good = tmp_path / "ref.json"
     good.write_text(json.dumps({"format": CURVES_FORMAT, "stage": "grpo", **series}))
     reference = load_reference_curves(str(good))

@@ -137,7 +137,18 @@ def curve_series(log_history: list[dict], beta: float | None = None) -> dict[str
         for key in ("rewards/chosen", "rewards/rejected"):
             kl[f"log pi/pi_ref on {key.split('/')[1]} (sequence)"] = [[h["step"], h[key] / beta]
                                                                      for h in logs if key in h]
-    return {"reward": {k: v for k, v in reward.items() if v}, "kl": {k: v for k, v in kl.items() if v}}
+    return without_repeated_reward({"reward": {k: v for k, v in reward.items() if v},
+                                    "kl": {k: v for k, v in kl.items() if v}})
+
+
+def without_repeated_reward(series: dict) -> dict:
+    """Drop the total `reward` where it is one reward function's series point for point (PPO logs the
+    reward model's mean as `reward`; so do GRPO/RLOO with one function), so the PNG draws it once,
+    under the more telling name."""
+    rewards = series["reward"]
+    if any(name != "reward" and points == rewards.get("reward") for name, points in rewards.items()):
+        rewards = {name: points for name, points in rewards.items() if name != "reward"}
+    return {**series, "reward": rewards}
 
 
 def load_reference_curves(path: str | None) -> dict | None:
@@ -163,7 +174,7 @@ def load_reference_curves(path: str | None) -> dict | None:
                     isinstance(p, list) and len(p) == 2 and all(isinstance(x, (int, float)) for x in p)
                     for p in points)):
                 raise UserError(f"{found}: {panel}[{name!r}] is not a list of [step, value] pairs")
-    return {**data, "path": path}
+    return {**without_repeated_reward(data), "path": path}
 
 
 def plot_curves(series: dict, path: str | Path, title: str, held_out_kl: tuple[int, float] | None = None,
