@@ -15,7 +15,7 @@ Both save with `save_pretrained` (so `AutoTokenizer.from_pretrained(dir)` loads 
 with bos/eos/pad, chat role markers and a chat template whose assistant turns are wrapped in
 `{% generation %}` so TRL's `assistant_only_loss` can mask everything else. The manifest reports
 compression as UTF-8 bytes per token on the validation split. Sizes: 512 (the default) for the
-tiny preset, whose model is too small to spend its parameters on a larger embedding (README,
+tiny preset, whose model is too small to spend its parameters on a larger embedding (recipes/pretrain/README.md,
 "Sizing the tiny preset"); 32k-64k for the real presets (minutes on a few GB).
 """
 

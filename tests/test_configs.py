@@ -144,7 +144,7 @@ def test_expected_accelerate_configs_exist():
 
 
 def _readme_commands():
-    for readme in [REPO_ROOT / "README.md", REPO_ROOT / "data_prep/README.md", *REPO_ROOT.glob("recipes/*/*.md")]:
+    for readme in [REPO_ROOT / "README.md", REPO_ROOT / "data_prep/README.md", *REPO_ROOT.glob("recipes/**/*.md")]:
         for block in re.findall(r"```bash\n(.*?)```", readme.read_text(), flags=re.S):
             for line in block.replace("\\\n", " ").splitlines():
                 line = line.split("#", 1)[0].strip()
