@@ -51,6 +51,8 @@ def parse_config(dataclass_types: list[type], args: list[str] | None = None) -> 
         def error(self, message):  # argparse would print its whole usage text
             raise UserError(f"{config_path or 'command line'}: {message}")
 
+    key_lines: dict = {}  # top-level key -> line, for messages about its value
+
     class _UniqueKeyLoader(yaml.SafeLoader):  # PyYAML keeps the last of two equal keys without a word
         def construct_mapping(self, node, deep=False):
             seen = set()
@@ -61,29 +63,144 @@ def parse_config(dataclass_types: list[type], args: list[str] | None = None) -> 
                 if key in seen:
                     raise UserError(f"{config_path}:{key_node.start_mark.line + 1}: key {key} is given twice")
                 seen.add(key)
+                key_lines.setdefault(key, key_node.start_mark.line + 1)  # the root mapping is built first
             return super().construct_mapping(node, deep=deep)
 
     args = list(sys.argv[1:] if args is None else args)
-    config_path = args[args.index("--config") + 1] if "--config" in args[:-1] else None
-    if config_path is not None:
+    if args.count("--config") > 1:
+        raise UserError("--config is given twice")
+    config_path, config = None, {}
+    if "--config" in args:
+        at = args.index("--config")
+        if at + 1 == len(args) or args[at + 1].startswith("--"):
+            raise UserError("--config needs a YAML file after it")
+        config_path = args.pop(at + 1)
+        args.pop(at)
         if not Path(config_path).is_file():
             raise UserError(f"config file not found: {config_path}")
         try:
-            config = yaml.load(Path(config_path).read_text(), Loader=_UniqueKeyLoader) or {}
+            config = yaml.load(Path(config_path).read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
+        except UnicodeDecodeError as err:
+            raise UserError(f"{config_path}: not UTF-8 text (byte {err.start})") from None
         except yaml.YAMLError as err:
             line = getattr(getattr(err, "problem_mark", None), "line", -1) + 1
             raise UserError(f"{config_path}:{line}: not valid YAML") from None
         if not isinstance(config, dict):
             raise UserError(f"{config_path}: must hold a mapping of key: value")
-        known = {f.name for cls in dataclass_types for f in dataclasses.fields(cls)} | {"env"}
-        unknown = [key for key in config if key not in known]
+        fields = {f.name: (cls, f) for cls in dataclass_types for f in dataclasses.fields(cls)}
+        unknown = [key for key in config if key not in fields and key != "env"]
         if unknown:
             raise UserError(f"{config_path}: unknown key(s) {', '.join(map(str, unknown))}")
+        env = config.pop("env", None) or {}
+        if not isinstance(env, dict):
+            raise UserError(f"{config_path}:{key_lines.get('env', 0)}: key env: expected a mapping of NAME: value")
+        for key, value in config.items():
+            cls, field = fields[key]
+            try:
+                config[key] = _check_value(value, _field_types(cls)[key])
+            except _WrongType as wrong:
+                raise UserError(f"{config_path}:{key_lines.get(key, 0)}: key {key}: expected {wrong}, "
+                                f"got {_short_repr(value)}") from None
+        os.environ.update({str(name): str(value) for name, value in env.items()})
     parser = _Parser(dataclass_types)
+    # TrlParser's parse_args_and_config would read the YAML again, without the checks above.
+    parser.set_defaults_with_config(**config)
     try:
-        return parser.parse_args_and_config(args)
+        return parser.parse_args_into_dataclasses(args=args)
     except ValueError as err:
         raise UserError(f"{config_path or 'command line'}: {str(err).splitlines()[0]}") from None
+
+
+class _WrongType(Exception):
+    """A YAML value that does not fit its dataclass field; the message names what would."""
+
+
+def _field_types(cls: type) -> dict:
+    import typing
+
+    return typing.get_type_hints(cls)
+
+
+def _short_repr(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _check_value(value: Any, annotation: Any, convert: bool = True) -> Any:
+    """`value` from YAML as the dataclass field `annotation` expects it, or `_WrongType`.
+
+    HfArgumentParser converts command-line strings, but a YAML value becomes the field's default as
+    it is: a list for a number would reach training, and a bare string for a list field would be
+    split into characters later. Numbers for a string field and a single item for a list field are
+    converted; everything else must already have the right type.
+    """
+    import enum
+    import types
+    import typing
+
+    origin, members = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation in (Any, object) or isinstance(annotation, typing.TypeVar):
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in members:
+            return None
+        members = [m for m in members if m is not type(None)]
+        for allow_conversion in (False, True):  # an exact fit first, so "a" stays a str in `str | list[str]`
+            for member in members:
+                try:
+                    return _check_value(value, member, allow_conversion)
+                except _WrongType:
+                    pass
+        raise _WrongType(" or ".join(_type_name(m) for m in members))
+    if origin is typing.Literal:
+        if value in members:
+            return value
+        raise _WrongType(f"one of {', '.join(map(repr, members))}")
+    if origin in (list, tuple, set) or annotation in (list, tuple, set):
+        item_type = members[0] if members else Any
+        if isinstance(value, list):
+            return [_check_value(item, item_type) for item in value]
+        if convert and value is not None and not isinstance(value, dict):
+            return [_check_value(value, item_type)]
+        raise _WrongType(_type_name(annotation))
+    if origin is dict or annotation is dict:
+        if isinstance(value, dict):
+            return value
+        raise _WrongType("a mapping")
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        choices = [member.value for member in annotation]
+        if value in choices or isinstance(value, annotation):
+            return value
+        raise _WrongType(f"one of {', '.join(map(str, choices))}")
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return value
+    elif annotation is str:
+        if isinstance(value, str):
+            return value
+        if convert and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    else:
+        return value  # a type we do not know how to check: HfArgumentParser's own rules apply
+    raise _WrongType(_type_name(annotation))
+
+
+def _type_name(annotation: Any) -> str:
+    import typing
+
+    if annotation is type(None):
+        return "null"
+    origin, members = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (list, tuple, set):
+        return f"a list of {_type_name(members[0])}" if members else "a list"
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a mapping"}
+    return names.get(annotation, getattr(annotation, "__name__", str(annotation)))
 
 
 def fingerprint(*parts: Any) -> str:
@@ -134,15 +251,30 @@ def write_manifest(directory: str | Path, manifest: dict) -> Path:
     return path
 
 
-def read_manifest(directory: str | Path, what: str = "stage output") -> dict:
-    """Load a finished stage's manifest, or fail with a one-line error naming the directory."""
+def read_manifest(directory: str | Path, what: str = "stage output", stage: str | tuple[str, ...] = ()) -> dict:
+    """Load a finished stage's manifest, or fail with a one-line error naming the directory.
+
+    `stage` names the stage(s) whose output is expected, so that a finished directory of the wrong
+    kind (a packed dataset given as a corpus) is refused before it is misread.
+    """
     directory = Path(directory)
     if not directory.is_dir():
         raise UserError(f"{what} directory not found: {directory}")
     path = directory / MANIFEST_NAME
     if not path.is_file():
         raise UserError(f"{what} directory {directory} is incomplete: it has no {MANIFEST_NAME}")
-    return json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        where = f":{err.lineno}" if isinstance(err, json.JSONDecodeError) else ""
+        raise UserError(f"{path}{where}: not a valid manifest (not JSON); rerun the stage that wrote it") from None
+    if not isinstance(manifest, dict):
+        raise UserError(f"{path}: not a valid manifest (not a JSON object); rerun the stage that wrote it")
+    expected = (stage,) if isinstance(stage, str) else tuple(stage)
+    if expected and manifest.get("stage") not in expected:
+        raise UserError(f"{directory} is the output of stage '{manifest.get('stage')}', "
+                        f"not a {what} ({' or '.join(expected)})")
+    return manifest
 
 
 @contextlib.contextmanager
@@ -151,7 +283,12 @@ def atomic_output_dir(output_dir: str | Path, overwrite: bool = True) -> Iterato
     output_dir = Path(output_dir)
     if output_dir.exists() and not overwrite:
         raise UserError(f"output directory already exists: {output_dir} (pass --overwrite true to replace it)")
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(f"output directory {output_dir} is a file")
+    try:
+        output_dir.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise UserError(f"output directory {output_dir}: a parent of it is a file") from None
     tmp = output_dir.parent / f".{output_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()

@@ -114,7 +114,7 @@ def build_pairs(args: PreferenceDataArguments) -> tuple[dict[str, list[dict]], d
     if args.source == "embedded":
         from datasets import load_from_disk
 
-        sft_manifest = read_manifest(args.sft_data_dir, "sft_data")
+        sft_manifest = read_manifest(args.sft_data_dir, "sft_data", stage="sft_data")
         sft = load_from_disk(args.sft_data_dir)
         if "preference_prompts" not in sft:
             raise UserError(f"sft_data directory {args.sft_data_dir} has no preference_prompts split "

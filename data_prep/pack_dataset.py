@@ -57,8 +57,8 @@ def pack_dataset(args: PackArguments) -> dict:
 
     if args.block_size < 2:
         raise UserError(f"block_size must be at least 2, got {args.block_size}")
-    corpus_manifest = read_manifest(args.corpus_dir, "corpus")
-    tokenizer_manifest = read_manifest(args.tokenizer_dir, "tokenizer")
+    corpus_manifest = read_manifest(args.corpus_dir, "corpus", stage="corpus")
+    tokenizer_manifest = read_manifest(args.tokenizer_dir, "tokenizer", stage="tokenizer")
     tokenizer = load_tokenizer(args.tokenizer_dir)
     backend = tokenizer.backend_tokenizer
     bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id

@@ -185,7 +185,7 @@ def train_tokenizer(args: TokenizerArguments) -> dict:
             f"vocab_size {args.vocab_size} is smaller than the {len(SPECIAL_TOKENS)} special tokens "
             f"plus the {BYTE_ALPHABET}-byte alphabet ({minimum})"
         )
-    corpus_manifest = read_manifest(args.corpus_dir, "corpus")
+    corpus_manifest = read_manifest(args.corpus_dir, "corpus", stage="corpus")
     corpus = load_from_disk(args.corpus_dir)
     train_texts = list(corpus["train"]["text"])[: args.max_training_docs]
 

@@ -356,3 +356,53 @@ def test_hub_source_without_network_is_one_line_error(tmp_path):
     with pytest.raises(UserError, match="could not open Hub dataset no-such/dataset"):
         build_corpus(CorpusArguments(source="hub", hub_dataset="no-such/dataset", output_dir=str(tmp_path / "x")))
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("line, message", [
+    ("validation_fraction: [0.1, 0.2]", "key validation_fraction: expected a number, got [0.1, 0.2]"),
+    ("max_stdlib_files: 1.5", "key max_stdlib_files: expected an integer, got 1.5"),
+    ("min_chars: {a: 1}", "key min_chars: expected an integer, got {'a': 1}"),
+    ("overwrite: maybe", "key overwrite: expected true or false, got 'maybe'"),
+])
+def test_yaml_value_of_the_wrong_type_names_file_line_and_key(tmp_path, line, message):
+    config = tmp_path / "bad.yaml"
+    config.write_text(f"output_dir: {tmp_path / 'corpus'}\n{line}\n")
+    with pytest.raises(UserError) as err:
+        main(["--config", str(config)])
+    assert str(err.value) == f"{config}:2: {message}"
+    assert not (tmp_path / "corpus").exists()
+
+
+def test_yaml_string_for_a_list_key_is_one_item_not_its_characters(tmp_path):
+    from data_prep.artifacts import parse_config
+
+    config = tmp_path / "one.yaml"
+    config.write_text("source: local\ninput_paths: notes.txt\n")
+    (args,) = parse_config([CorpusArguments], ["--config", str(config)])
+    assert args.input_paths == ["notes.txt"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--max_stdlib_files", "3", "--config"], "--config needs a YAML file after it"),
+    (["--config", "a.yaml", "--config", "b.yaml"], "--config is given twice"),
+])
+def test_config_flag_misuse_is_one_line(argv, message):
+    with pytest.raises(UserError, match=f"^{message}$"):
+        main(argv)
+
+
+def test_yaml_that_is_not_utf8_is_one_line(tmp_path):
+    config = tmp_path / "latin1.yaml"
+    config.write_bytes("output_dir: caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(UserError, match=rf"^{config}: not UTF-8 text \(byte 15\)$"):
+        main(["--config", str(config)])
+
+
+def test_output_dir_under_a_file_is_one_line(tmp_path):
+    from data_prep.artifacts import atomic_output_dir
+
+    (tmp_path / "taken").write_text("a file, not a directory")
+    for output_dir, message in [(tmp_path / "taken" / "corpus", "a parent of it is a file"),
+                                (tmp_path / "taken", "is a file")]:
+        with pytest.raises(UserError, match=message), atomic_output_dir(output_dir):
+            pass

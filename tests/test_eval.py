@@ -310,3 +310,22 @@ def test_eval_end_to_end_writes_results_and_manifest(tiny_pretrained, tiny_data,
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["stage"] == "eval" and manifest["inputs"]["model"] == str(tiny_pretrained)
     assert not (out / ".eval-tmp").exists()
+
+
+def test_lm_eval_include_path_of_the_wrong_stage_or_with_a_broken_task_is_one_line(tiny_pretrained, tiny_data,
+                                                                                     mc_benchmark, tmp_path):
+    import shutil
+
+    with pytest.raises(UserError) as err:
+        run_eval(eval_argv(tiny_pretrained, tmp_path / "a", "--metrics", "lm_eval", "--lm_eval_include_path",
+                           str(tiny_data["corpus"])))
+    one_line(err, f"{tiny_data['corpus']} is the output of stage 'corpus'", "mc_benchmark")
+    broken = tmp_path / "mc_broken"
+    shutil.copytree(mc_benchmark, broken)
+    task_file = sorted(broken.glob("*.yaml"))[0]
+    task_file.write_text("- a list\n- not a task\n")
+    with pytest.raises(UserError) as err:
+        run_eval(eval_argv(tiny_pretrained, tmp_path / "b", "--metrics", "lm_eval", "--lm_eval_include_path",
+                           str(broken)))
+    one_line(err, str(task_file), "holds a mapping")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

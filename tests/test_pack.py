@@ -103,3 +103,24 @@ def test_input_without_manifest_is_incomplete(tiny_data, tmp_path, stage):
                                    output_dir=str(tmp_path / "packed"), block_size=16))
     assert str(half_done) in str(err.value)
     assert not (tmp_path / "packed").exists()
+
+
+def test_finished_output_of_the_wrong_stage_is_refused(tiny_data, tmp_path):
+    with pytest.raises(UserError) as err:  # a packed dataset where the corpus belongs
+        pack_dataset(PackArguments(corpus_dir=str(tiny_data["packed"]), tokenizer_dir=str(tiny_data["tokenizer"]),
+                                   output_dir=str(tmp_path / "packed"), block_size=16))
+    assert str(err.value) == f"{tiny_data['packed']} is the output of stage 'packed', not a corpus (corpus)"
+    assert not (tmp_path / "packed").exists()
+
+
+def test_corrupt_manifest_is_one_line_naming_file_and_line(tiny_data, tmp_path):
+    import shutil
+
+    tokenizer = tmp_path / "tokenizer"
+    shutil.copytree(tiny_data["tokenizer"], tokenizer)
+    (tokenizer / "manifest.json").write_text('{"stage": "tokenizer",\n  "inputs": \n')  # cut off mid-write
+    with pytest.raises(UserError) as err:
+        pack_dataset(PackArguments(corpus_dir=str(tiny_data["corpus"]), tokenizer_dir=str(tokenizer),
+                                   output_dir=str(tmp_path / "packed"), block_size=16))
+    assert str(err.value).startswith(f"{tokenizer / 'manifest.json'}:3: not a valid manifest")
+    assert not (tmp_path / "packed").exists()

@@ -91,6 +91,20 @@ def test_block_larger_than_context_is_refused(tiny_data, tmp_path):
         run_pretrain(pretrain_argv(tiny_data, tmp_path / "x", "--max_position_embeddings", "32"))
 
 
+def test_unknown_model_family_is_one_short_line(tiny_data, tmp_path):
+    with pytest.raises(UserError, match=r"^key model_type: unknown model family 'lama' \(did you mean llama"):
+        run_pretrain(pretrain_argv(tiny_data, tmp_path / "x", "--model_type", "lama"))
+    assert not (tmp_path / "x").exists()
+
+
+def test_corpus_given_as_the_packed_dataset_is_refused(tiny_data, tmp_path):
+    argv = pretrain_argv(tiny_data, tmp_path / "x")
+    argv[argv.index("--dataset_path") + 1] = str(tiny_data["corpus"])
+    with pytest.raises(UserError, match=r"is the output of stage 'corpus', not a packed dataset \(packed\)$"):
+        run_pretrain(argv)
+    assert not (tmp_path / "x").exists()
+
+
 def test_missing_tokenizer_directory_is_refused(tiny_data, tmp_path):
     with pytest.raises(UserError, match="tokenizer directory not found"):
         run_pretrain(pretrain_argv(tiny_data, tmp_path / "x", "--tokenizer_path", str(tmp_path / "nope")))

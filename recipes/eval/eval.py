@@ -244,9 +244,15 @@ def local_tasks(include_path: str) -> dict:
     build = f"python -m data_prep.build_mc_benchmark --output_dir {include_path}"
     if not Path(include_path).is_dir():
         raise UserError(f"lm_eval_include_path: {include_path} not found (build it with: {build})")
-    manifest = read_manifest(include_path, "lm-eval task")
+    manifest = read_manifest(include_path, "lm-eval task", stage="mc_benchmark")
     for task_file in sorted(Path(include_path).glob("*.yaml")):
-        files = (yaml.safe_load(task_file.read_text()).get("dataset_kwargs") or {}).get("data_files") or {}
+        try:
+            task = yaml.safe_load(task_file.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, yaml.YAMLError):
+            raise UserError(f"{task_file}: not a valid lm-eval task YAML (rebuild with: {build})") from None
+        if not isinstance(task, dict):
+            raise UserError(f"{task_file}: an lm-eval task YAML holds a mapping (rebuild with: {build})")
+        files = (task.get("dataset_kwargs") or {}).get("data_files") or {}
         for file in ([files] if isinstance(files, str) else files.values()):
             if not Path(file).is_file():
                 raise UserError(f"{task_file}: data file {file} not found (moved? rebuild with: {build})")

@@ -16,6 +16,7 @@ last: without it the directory is unfinished. Tokens/s and MFU are logged at eve
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -64,7 +65,12 @@ class ArchitectureArguments:
 
 def build_config(arch: ArchitectureArguments, tokenizer):
     from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+    if arch.model_type not in CONFIG_MAPPING:  # transformers' own message lists all ~400 families in one line
+        close = difflib.get_close_matches(arch.model_type, list(CONFIG_MAPPING.keys()), n=3)
+        raise UserError(f"key model_type: unknown model family '{arch.model_type}'"
+                        + (f" (did you mean {', '.join(close)}?)" if close else ""))
     kwargs = {k: v for k, v in asdict(arch).items() if v is not None and k not in ("model_type", "attn_implementation")}
     if arch.rope_theta is not None:  # transformers 5 keeps RoPE settings in rope_parameters
         kwargs["rope_parameters"] = {"rope_type": "default", "rope_theta": kwargs.pop("rope_theta")}
@@ -91,7 +97,7 @@ def main(script_args, training_args, arch_args, callbacks=None) -> dict:
     from recipes.pretrain.throughput import ThroughputMeter, flops_per_token, measure_peak_flops
 
     # ------------------------------------------------------------------ data
-    data_manifest = read_manifest(script_args.dataset_path, "packed dataset")
+    data_manifest = read_manifest(script_args.dataset_path, "packed dataset", stage="packed")
     tokenizer = load_tokenizer(script_args.tokenizer_path)
     packed = load_from_disk(script_args.dataset_path)
     train_dataset, eval_dataset = packed["train"], packed["validation"]
