@@ -26,6 +26,7 @@ continuations, which is what lm-eval's multiple-choice tasks do for mmlu or arc_
 
 from __future__ import annotations
 
+import importlib
 import json
 import random
 import sys
@@ -141,6 +142,11 @@ def build_mc_benchmark(args: MCBenchmarkArguments) -> dict:
         raise UserError(f"num_choices must be at least 2, got {args.num_choices}")
     if args.num_choices > 4:
         raise UserError(f"num_choices must be at most 4 (the arithmetic questions have 3 near misses), got {args.num_choices}")
+    for module in args.docstring_modules:  # docstring_pool imports each one; a typo would stop it with a traceback
+        try:
+            importlib.import_module(module)
+        except (ImportError, ValueError, TypeError) as err:  # ValueError: '', TypeError: a relative name
+            raise UserError(f"docstring_modules: cannot import module {module!r} ({err})") from None
     pool = docstring_pool(args.max_docstring_functions, tuple(args.docstring_modules))
     if len(pool) < args.num_choices:
         raise UserError(f"only {len(pool)} docstring functions found in {', '.join(args.docstring_modules)}; "

@@ -44,6 +44,7 @@ from data_prep.chat_tasks import (
     hh_rlhf_to_preference,
     preference_pairs_from_rows,
     preference_passthrough,
+    preference_problem,
     validate_messages,
     validate_preferences,
 )
@@ -102,10 +103,23 @@ def convert(rows: list[dict], fmt: str, name: str) -> list[dict]:
     out = []
     for index, row in enumerate(rows):
         try:
-            out.append(to_pair(row))
+            pair = to_pair(row)
         except ValueError as err:
             raise UserError(f"{name}: row {index}: {err}") from None
+        # checked here, before the split, so that the message names the input row
+        problem = preference_problem(pair)
+        if problem:
+            raise UserError(f"{name}: row {index}: {problem}")
+        for key in ("prompt", "chosen", "rejected"):  # an Arrow column holds one type: strings or lists
+            if out and isinstance(pair[key], list) != isinstance(out[0][key], list):
+                raise UserError(f"{name}: row {index}: field '{key}' is {_kind(pair[key])} but in row 0 it is "
+                                f"{_kind(out[0][key])}; use one format for all rows")
+        out.append(pair)
     return out
+
+
+def _kind(value) -> str:
+    return "a list of messages" if isinstance(value, list) else "a string"
 
 
 def build_pairs(args: PreferenceDataArguments) -> tuple[dict[str, list[dict]], dict]:

@@ -49,7 +49,7 @@ from data_prep.chat_tasks import (
     prompt_key,
     validate_messages,
 )
-from data_prep.steps import json_records, read_utf8
+from data_prep.steps import json_records, read_parquet, read_utf8
 
 FORMATS = ("messages", "alpaca")
 
@@ -94,9 +94,7 @@ def read_local_rows(path: str) -> list[dict]:
     if not file.is_file():
         raise UserError(f"input file not found: {file}")
     if file.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return pq.read_table(file).to_pylist()
+        return read_parquet(file).to_pylist()
     if file.suffix not in (".jsonl", ".json"):
         raise UserError(f"{file}: unsupported file type (use .jsonl, .json or .parquet)")
     return [row for _, row, _ in json_records(file, read_utf8(file))]
@@ -193,6 +191,9 @@ def split_off_test(rows: list[dict], args: SFTDataArguments) -> dict[str, list[d
     order = list(range(len(rows)))
     random.Random(args.seed).shuffle(order)
     n_test = max(1, round(len(rows) * args.test_fraction))
+    if n_test == len(rows):  # an empty train split would be dropped from the DatasetDict without a word
+        raise UserError(f"test_fraction {args.test_fraction} of {len(rows)} unique conversations holds out all "
+                        f"{n_test} and leaves no train rows; lower test_fraction or add rows")
     test = set(order[:n_test])
     return {"train": [r for i, r in enumerate(rows) if i not in test], "test": [r for i, r in enumerate(rows) if i in test]}
 

@@ -157,9 +157,7 @@ class LocalFileReader(PipelineStep):
                     yield self._row(row, path, position, unit=unit)
 
     def _parquet(self, path: Path):
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(path)
+        table = read_parquet(path)
         if self.text_field not in table.column_names:
             raise UserError(f"{path}: no column '{self.text_field}' (columns: {', '.join(table.column_names)})")
         for index, text in enumerate(table.column(self.text_field).to_pylist()):
@@ -174,6 +172,19 @@ class LocalFileReader(PipelineStep):
         if not isinstance(row[self.text_field], str):
             raise UserError(f"{where}: field '{self.text_field}' is not a string")
         return Document(row[self.text_field], f"{path}#{index}", {"source": "local", "path": str(path)})
+
+
+def read_parquet(path: Path):
+    """A .parquet file as a pyarrow Table, or a one-line error naming the file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path)
+    except pa.ArrowException as err:
+        # pyarrow's message repeats the path ("Could not open Parquet input source '<path>': <reason>")
+        reason = str(err).splitlines()[0].rpartition("': ")[2] if str(err) else type(err).__name__
+        raise UserError(f"{path}: not a valid Parquet file ({reason})") from None
 
 
 def read_utf8(path: Path) -> str:

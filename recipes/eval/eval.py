@@ -108,6 +108,9 @@ def main(args: EvalArguments) -> dict:
                             f"{args.pass_at_k_temperature} and {args.pass_at_k_top_p}")
     if args.dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise UserError(f"dtype must be auto, float32, bfloat16 or float16, got '{args.dtype}'")
+    for key in ("perplexity_batch_size", "generation_batch_size", "lm_eval_batch_size", "reward_batch_size"):
+        if getattr(args, key) < 1:  # checked before any model loads; 0 would fail deep in a range() or in lm-eval
+            raise UserError(f"{key} must be >= 1, got {getattr(args, key)}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, args.dtype) if args.dtype != "auto" else "auto"
 
