@@ -9,7 +9,7 @@ Output: a `datasets.DatasetDict` (train/validation, columns `text`, `id`, `sourc
 saved with `save_to_disk`, plus `manifest.json` with document counts, bytes and a
 hash of the inputs and options. Sizes: the embedded default (all ~580 stdlib modules
 that are not tests) gives ~1,100 documents and ~11 MB of text in about 15 seconds; a Hub sample of 2M FineWeb-Edu
-documents is ~10 GB and wants `num_proc` CPUs and an hour.
+documents is ~10 GB of text, streamed through the steps in one process.
 """
 
 from __future__ import annotations

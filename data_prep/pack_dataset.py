@@ -57,6 +57,8 @@ def pack_dataset(args: PackArguments) -> dict:
 
     if args.block_size < 2:
         raise UserError(f"block_size must be at least 2, got {args.block_size}")
+    if args.pack_batch_size < 1:  # datasets would read 0 or less as "the whole split in one batch"
+        raise UserError(f"pack_batch_size must be >= 1, got {args.pack_batch_size}")
     if args.num_proc < 1:
         raise UserError(f"num_proc must be >= 1, got {args.num_proc}")
     corpus_manifest = read_manifest(args.corpus_dir, "corpus", stage="corpus")

@@ -405,6 +405,31 @@ def test_local_bad_row_is_one_line_naming_file_row_and_field(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_local_split_that_leaves_no_train_rows_is_refused(tmp_path):
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
+                                                      {"role": "assistant", "content": f"a{i}"}]}) + "\n"
+                             for i in range(2)))
+    with pytest.raises(UserError, match=r"^test_fraction 0.9 of 2 unique conversations holds out all 2 and leaves no "
+                                        r"train rows"):
+        build_sft_data.main(["--source", "local", "--input_path", str(chats), "--output_dir", str(tmp_path / "x"),
+                             "--test_fraction", "0.9"])
+    assert not (tmp_path / "x").exists()
+
+
+def test_local_preferences_mixing_string_and_message_prompts_name_file_and_row(tmp_path):
+    prefs = tmp_path / "prefs.jsonl"
+    rows = [{"prompt": "What is 2 + 3?", "chosen": "5", "rejected": "6"},
+            {"prompt": [{"role": "user", "content": "What is 1 + 1?"}], "chosen": "2", "rejected": "3"}]
+    prefs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(UserError) as err:
+        build_preference_data.main(["--source", "local", "--input_path", str(prefs),
+                                    "--output_dir", str(tmp_path / "p")])
+    assert str(err.value) == (f"{prefs}: row 1: field 'prompt' is a list of messages but in row 0 it is a string; "
+                              "use one format for all rows")
+    assert not (tmp_path / "p").exists()
+
+
 def test_hub_sources_argument_handling(tmp_path, monkeypatch):
     """The Hub is offline here: check our side (names, splits, formats) with a stand-in load_dataset."""
     import datasets

@@ -239,6 +239,20 @@ def test_jsonl_row_missing_text_field(tmp_path):
     assert f"{bad}:2:" in str(err.value)
 
 
+def test_corrupt_parquet_names_the_file(tmp_path):
+    from data_prep.build_sft_data import read_local_rows
+
+    bad = tmp_path / "rows.parquet"
+    bad.write_bytes(b"not parquet")
+    with pytest.raises(UserError) as err:
+        build_corpus(local_args(tmp_path, [bad]))
+    assert str(err.value).startswith(f"{bad}: not a valid Parquet file (Parquet magic bytes not found")
+    with pytest.raises(UserError) as err:
+        read_local_rows(str(bad))  # build_sft_data and build_preference_data read local files with it
+    assert str(err.value).startswith(f"{bad}: not a valid Parquet file (")
+    assert not (tmp_path / "corpus").exists()
+
+
 def test_unknown_yaml_key_names_key_and_file(tmp_path):
     config = tmp_path / "bad.yaml"
     config.write_text(f"output_dir: {tmp_path / 'corpus'}\nmax_stdlib_files: 5\nvalidation_fractoin: 0.2\n")

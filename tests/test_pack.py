@@ -93,6 +93,14 @@ def test_block_size_one_is_rejected(tiny_data, tmp_path):
     assert not (tmp_path / "packed").exists()
 
 
+@pytest.mark.parametrize("num_proc", [0, -1])
+def test_num_proc_below_one_is_rejected(tmp_path, num_proc):
+    with pytest.raises(UserError, match=f"^num_proc must be >= 1, got {num_proc}$"):  # before any input is read
+        pack_dataset(PackArguments(corpus_dir=str(tmp_path / "corpus"), tokenizer_dir=str(tmp_path / "tokenizer"),
+                                   output_dir=str(tmp_path / "packed"), num_proc=num_proc))
+    assert not (tmp_path / "packed").exists()
+
+
 @pytest.mark.parametrize("stage", ["corpus", "tokenizer"])
 def test_input_without_manifest_is_incomplete(tiny_data, tmp_path, stage):
     half_done = tmp_path / f"half_done_{stage}"
@@ -123,4 +131,11 @@ def test_corrupt_manifest_is_one_line_naming_file_and_line(tiny_data, tmp_path):
         pack_dataset(PackArguments(corpus_dir=str(tiny_data["corpus"]), tokenizer_dir=str(tokenizer),
                                    output_dir=str(tmp_path / "packed"), block_size=16))
     assert str(err.value).startswith(f"{tokenizer / 'manifest.json'}:3: not a valid manifest")
+    assert not (tmp_path / "packed").exists()
+
+
+def test_pack_batch_size_below_one_is_rejected(tiny_data, tmp_path):
+    with pytest.raises(UserError, match="^pack_batch_size must be >= 1, got 0$"):
+        pack_dataset(PackArguments(corpus_dir=str(tiny_data["corpus"]), tokenizer_dir=str(tiny_data["tokenizer"]),
+                                   output_dir=str(tmp_path / "packed"), block_size=16, pack_batch_size=0))
     assert not (tmp_path / "packed").exists()

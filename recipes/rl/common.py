@@ -62,6 +62,15 @@ class PromptArguments(RLShapingArguments, ReferenceCurveArguments):
     eval_max_new_tokens: int = field(default=48)
     eval_batch_size: int = field(default=64)
 
+    def __post_init__(self):
+        check_batch_size("eval_batch_size", self.eval_batch_size)
+
+
+def check_batch_size(key: str, value: int) -> None:
+    """Refuse a batch size below 1 up front: it would otherwise fail after training, in the evaluation."""
+    if value < 1:
+        raise UserError(f"{key} must be >= 1, got {value}")
+
 
 def load_policy(model_args, trust_remote_code: bool = False):
     """(model, tokenizer, parent manifest) of ModelConfig's model; generation stops at every end-of-turn and

@@ -29,8 +29,8 @@ from data_prep.artifacts import UserError, parse_config, run_cli
 from recipes.common import (fused_head_on_labelled_positions_only, load_splits, mark_incomplete, resolve_resume,
                             save_trained, training_summary, with_cpu_process_group)
 from recipes.peft_methods import PeftMethodArguments, build_peft_config, trainable_parameters
-from recipes.rl.common import (ReferenceCurveArguments, evaluate_saved_policy, finish_run, load_policy,
-                              load_reference_curves, summary_line)
+from recipes.rl.common import (ReferenceCurveArguments, check_batch_size, evaluate_saved_policy, finish_run,
+                              load_policy, load_reference_curves, summary_line)
 
 
 @dataclass
@@ -48,6 +48,9 @@ class ScriptArguments(ReferenceCurveArguments):
     eval_max_samples: int | None = field(default=None)
     eval_max_new_tokens: int = field(default=48)
     eval_batch_size: int = field(default=64)
+
+    def __post_init__(self):
+        check_batch_size("eval_batch_size", self.eval_batch_size)
 
 
 def main(script_args, training_args, model_args, peft_args, callbacks=None) -> dict:

@@ -32,6 +32,7 @@ from torch import nn
 from transformers import GenerationConfig, Trainer, TrainingArguments
 
 from data_prep.artifacts import UserError
+from recipes.rl.common import check_batch_size
 from recipes.rl.kl import position_ids_of
 
 
@@ -251,6 +252,7 @@ class PPOTrainer(Trainer):
     def __init__(self, args: PPOConfig, processing_class, model, ref_model, value_model, reward_funcs: list[Callable],
                  train_dataset, callbacks=None):
         refuse_zero3()
+        check_batch_size("local_rollout_forward_batch_size", args.local_rollout_forward_batch_size)
         self.reward_funcs = list(reward_funcs)
         weights = args.reward_weights or [1.0] * len(self.reward_funcs)
         if not self.reward_funcs or len(weights) != len(self.reward_funcs):
