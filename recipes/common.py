@@ -174,6 +174,16 @@ def load_pretrained(path: str, auto_class, trust_remote_code: bool = False, **kw
     return model, tokenizer, _read_parent(local)
 
 
+def check_special_tokens(training_args, tokenizer, model_path: str) -> None:
+    """TRL's trainers refuse an `eos_token`/`pad_token` missing from the vocabulary with a multi-line
+    traceback; refuse it here in one line, before the trainer is built."""
+    vocab = tokenizer.get_vocab()
+    for key in ("eos_token", "pad_token"):
+        token = getattr(training_args, key, None)  # not every config has both, and TRL deprecates pad_token
+        if token is not None and token not in vocab:
+            raise UserError(f"{key}: {token!r} is not in the vocabulary of the tokenizer of {model_path}")
+
+
 def _looks_local(path: str) -> bool:
     """Hub ids are `name` or `org/name`; anything else, or a path under outputs/, is a local directory."""
     return path.startswith((".", "/", "~")) or path.count("/") > 1 or Path(path).parts[0] == "outputs"

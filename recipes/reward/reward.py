@@ -28,8 +28,9 @@ from dataclasses import asdict, dataclass, field
 from trl import ModelConfig, RewardConfig, RewardTrainer
 
 from data_prep.artifacts import build_manifest, parse_config, run_cli, write_manifest
-from recipes.common import (load_pretrained, load_splits, mark_incomplete, model_card, no_zero3_init, publish,
-                            resolve_resume, save_trained, training_summary, with_cpu_process_group)
+from recipes.common import (check_special_tokens, load_pretrained, load_splits, mark_incomplete, model_card,
+                            no_zero3_init, publish, resolve_resume, save_trained, training_summary,
+                            with_cpu_process_group)
 from recipes.peft_methods import (PeftMethodArguments, build_peft_config, quantization_config, refuse_broken_combination,
                                   trainable_parameters)
 from recipes.reward.shared_prompt import (SharedPromptCollator, check_attention_implementation, merged_length,
@@ -68,6 +69,7 @@ def main(script_args, training_args, model_args, peft_args, callbacks=None) -> d
         model_path, AutoModelForSequenceClassification, trust_remote_code=training_args.trust_remote_code,
         num_labels=1, dtype=getattr(torch, model_args.dtype) if model_args.dtype not in (None, "auto") else "auto",
         quantization_config=quantization_config(model_args))
+    check_special_tokens(training_args, tokenizer, model_path)
     peft_config = build_peft_config(model_args, peft_args, model)
 
     # ------------------------------------------------------------------ trainer

@@ -26,8 +26,8 @@ from dataclasses import asdict, dataclass, field
 from trl import DPOConfig, ModelConfig
 
 from data_prep.artifacts import UserError, parse_config, run_cli
-from recipes.common import (fused_head_on_labelled_positions_only, load_splits, mark_incomplete, resolve_resume,
-                            save_trained, training_summary, with_cpu_process_group)
+from recipes.common import (check_special_tokens, fused_head_on_labelled_positions_only, load_splits,
+                            mark_incomplete, resolve_resume, save_trained, training_summary, with_cpu_process_group)
 from recipes.peft_methods import PeftMethodArguments, build_peft_config, trainable_parameters
 from recipes.rl.common import (ReferenceCurveArguments, check_batch_size, evaluate_saved_policy, finish_run,
                               load_policy, load_reference_curves, summary_line)
@@ -83,6 +83,7 @@ def main(script_args, training_args, model_args, peft_args, callbacks=None) -> d
     set_seed(training_args.seed)
     model_path = model_args.model_name_or_path
     model, tokenizer, parent = load_policy(model_args, training_args.trust_remote_code)
+    check_special_tokens(training_args, tokenizer, model_path)
     peft_config = build_peft_config(model_args, peft_args, model)
 
     # ------------------------------------------------------------------ trainer

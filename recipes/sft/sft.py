@@ -27,9 +27,9 @@ from pathlib import Path
 from trl import ModelConfig, SFTConfig
 
 from data_prep.artifacts import UserError, build_manifest, parse_config, run_cli, write_manifest
-from recipes.common import (fused_head_on_labelled_positions_only, load_pretrained, load_splits, mark_incomplete,
-                            model_card, no_zero3_init, publish, resolve_resume, save_trained, training_summary,
-                            with_cpu_process_group)
+from recipes.common import (check_special_tokens, fused_head_on_labelled_positions_only, load_pretrained, load_splits,
+                            mark_incomplete, model_card, no_zero3_init, publish, resolve_resume, save_trained,
+                            training_summary, with_cpu_process_group)
 from recipes.peft_methods import (PeftMethodArguments, build_peft_config, quantization_config, refuse_broken_combination,
                                   trainable_parameters)
 
@@ -75,11 +75,7 @@ def main(script_args, training_args, model_args, peft_args, callbacks=None) -> d
     if training_args.assistant_only_loss and not has_generation_markers(tokenizer.chat_template or ""):
         raise UserError(f"{model_path}: the chat template has no {{% generation %}} markers, which "
                         "assistant_only_loss needs to find the assistant tokens")
-    vocab = tokenizer.get_vocab()
-    for key in ("eos_token", "pad_token"):  # SFTTrainer would refuse them with a multi-line traceback
-        token = getattr(training_args, key, None)  # TRL deprecates SFTConfig.pad_token
-        if token is not None and token not in vocab:
-            raise UserError(f"{key}: {token!r} is not in the vocabulary of the tokenizer of {model_path}")
+    check_special_tokens(training_args, tokenizer, model_path)
     peft_config = build_peft_config(model_args, peft_args, model)
     if script_args.merge_adapter and not (model_args.use_peft and peft_args.peft_method == "lora"):
         raise UserError("merge_adapter: only LoRA adapters can be merged into the base weights")
