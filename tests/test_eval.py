@@ -151,6 +151,34 @@ def test_safety_counts_refusals_and_over_refusals():
         scores.safety_report(rows[-1:], replies[-1:])
 
 
+def test_win_rate_counts_wins_of_a_over_b_and_ties_as_half(monkeypatch):
+    """A stub judge scores each reply from a table: A wins 2 prompts, loses 1 and ties 1, so the win rate is
+    (1 + 1 + 0 + 0.5) / 4 = 0.625; a flipped comparison gives 0.375, ties counted as losses 0.5, as wins 0.75."""
+    from recipes.eval import reward_scores
+
+    table = {"right": 2.0, "close": 1.0, "wrong": -1.0}
+    seen = []
+
+    def stub_scores(model, tokenizer, conversations, batch_size=32):
+        assert (model, tokenizer, batch_size) == ("judge", "tok", 3)
+        seen.append(conversations)
+        return [table[c[-1]["content"]] for c in conversations]
+
+    monkeypatch.setattr(reward_scores, "score_conversations", stub_scores)
+    prompts = [[{"role": "user", "content": f"question {i}"}] for i in range(4)]
+    a, b = ["right", "close", "wrong", "close"], ["wrong", "wrong", "right", "close"]
+    result = reward_scores.win_rate("judge", "tok", prompts, a, b, batch_size=3)
+    assert result == {"win_rate": 0.625, "mean_score_a": 0.75, "mean_score_b": 0.25, "n": 4}
+    # each reply is scored after its own prompt, as the assistant turn
+    assert seen[0] == [p + [{"role": "assistant", "content": r}] for p, r in zip(prompts, a)]
+    assert seen[1] == [p + [{"role": "assistant", "content": r}] for p, r in zip(prompts, b)]
+    # swapping the sides gives the complement; all ties give exactly one half
+    assert reward_scores.win_rate("judge", "tok", prompts, b, a, batch_size=3)["win_rate"] == 0.375
+    assert reward_scores.win_rate("judge", "tok", prompts, a, a, batch_size=3)["win_rate"] == 0.5
+    with pytest.raises(ValueError, match="4 prompts, 4 and 3 replies"):
+        reward_scores.win_rate("judge", "tok", prompts, a, b[:3], batch_size=3)
+
+
 @pytest.fixture(scope="module")
 def mc_benchmark(tmp_path_factory):
     from data_prep import build_mc_benchmark
@@ -177,12 +205,32 @@ def test_mc_benchmark_questions_have_one_right_answer(mc_benchmark):
     assert {r["gold"] for r in rows["arithmetic_units_mc"]} == {0, 1, 2, 3}  # the answer is not always first
 
 
-def test_lm_eval_local_task_runs_on_a_model_and_on_an_adapter(tiny_pretrained, tiny_data, mc_benchmark, tmp_path):
+def test_mc_benchmark_unknown_docstring_module_is_one_line(tmp_path):
+    from data_prep import build_mc_benchmark
+
+    with pytest.raises(UserError) as err:
+        build_mc_benchmark.main(["--docstring_modules", "math", "no_such_module", "--output_dir", str(tmp_path / "mc")])
+    assert str(err.value) == ("docstring_modules: cannot import module 'no_such_module' "
+                              "(No module named 'no_such_module')")
+    assert not (tmp_path / "mc").exists()
+
+
+def test_lm_eval_local_task_runs_on_a_model_and_on_an_adapter(tiny_pretrained, tiny_data, mc_benchmark, tmp_path,
+                                                             monkeypatch):
+    import lm_eval
     from peft import LoraConfig, get_peft_model
 
     adapter = tmp_path / "adapter"
     get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_pretrained),
                    LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).save_pretrained(adapter)
+    calls = []  # what the recipe hands lm-eval: the real entry point still runs
+    real_simple_evaluate = lm_eval.simple_evaluate
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real_simple_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", spy)
     perplexities = {}
     for name, model in (("model", tiny_pretrained), ("adapter", adapter)):
         out = run_eval(eval_argv(model, tmp_path / name, "--metrics", "perplexity", "lm_eval", "--text_dataset_path",
@@ -193,8 +241,13 @@ def test_lm_eval_local_task_runs_on_a_model_and_on_an_adapter(tiny_pretrained, t
             assert 0 <= result["acc"] <= 1 and 0 <= result["acc_norm"] <= 1 and result["n"] == 6
             assert result["acc_stderr"] >= 0
         perplexities[name] = out["metrics"]["perplexity"]["perplexity"]
+        model_args = calls[-1]["model_args"]
+        assert calls[-1]["model"] == "hf" and model_args["pretrained"] == str(tiny_pretrained)
+        # an adapter is evaluated as base + peft=adapter, never as the base model alone
+        assert model_args.get("peft") == (str(adapter) if name == "adapter" else None), model_args
         assert out["data"]["lm_eval"]["hash"] == json.loads((mc_benchmark / "manifest.json").read_text())["fingerprint"]
     assert perplexities["model"] != pytest.approx(perplexities["adapter"])  # the adapter's random LoRA weights count
+    assert len(calls) == 2
     with pytest.raises(UserError, match="lm_eval_tasks: no_such_task not found"):
         run_eval(eval_argv(tiny_pretrained, tmp_path / "x", "--metrics", "lm_eval", "--lm_eval_include_path",
                            str(mc_benchmark), "--lm_eval_tasks", "no_such_task"))
@@ -205,6 +258,14 @@ def one_line(excinfo, *needles):
     assert "\n" not in message, message
     for needle in needles:
         assert needle in message, message
+
+
+@pytest.mark.parametrize("key", ["perplexity_batch_size", "generation_batch_size", "lm_eval_batch_size",
+                                 "reward_batch_size"])
+def test_batch_size_below_one_is_refused_before_any_model_loads(key, tmp_path):
+    with pytest.raises(UserError, match=f"^{key} must be >= 1, got 0$"):
+        run_eval(eval_argv(tmp_path / "no_model", tmp_path / "out", f"--{key}", "0"))
+    assert not (tmp_path / "out").exists()
 
 
 def test_bad_inputs_stop_with_one_line(tiny_pretrained, tiny_data, tmp_path):

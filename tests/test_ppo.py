@@ -258,21 +258,40 @@ def test_kl_penalty_keeps_the_policy_near_the_reference(tiny_sft, tiny_reward, t
 
 def test_lora_policy_uses_the_disabled_adapter_as_reference(tiny_sft, tiny_reward, tiny_chat_data, tmp_path):
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "ppo_lora"
     metrics = run_ppo(ppo_argv(tiny_sft, tiny_reward, tiny_chat_data, out, "--use_peft", "true", "--lora_r", "4",
                                "--lora_alpha", "8", "--lora_target_modules", "q_proj", "v_proj", "--learning_rate",
-                               "1e-3"))
+                               "5e-2"))  # at 1e-3 the adapter barely moved (held-out KL -0.0000): nothing to check
     assert metrics["trainable_params"] < 0.05 * metrics["total_params"]
     assert (out / "adapter_config.json").is_file() and not (out / "model.safetensors").exists()
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["inputs"]["reference"] == "adapter disabled"
+    # The reference really is a different policy once the adapter has learned: lora_B starts at 0, so the
+    # first rollout's KL is exactly 0, and a later one is not (a policy that stayed equal to its reference,
+    # or a "reference" that followed the adapter, would log 0 throughout).
+    kls = [row["kl"] for row in _trainer_logs(out) if "kl" in row]
+    assert len(kls) == metrics["updates"] == 2
+    assert kls[0] == pytest.approx(0.0, abs=1e-6) and any(kl != 0 for kl in kls[1:]), kls
+    # The held-out KL in metrics.json is a sampled (k1) estimate on 12 prompts: measured, so not 0, but its sign
+    # is noise at this scale (-0.02 here, while the exact KL along the same samples is +0.03). The exact KL
+    # below, summed over the vocabulary in float64, is > 0 exactly when the policy differs from its reference.
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["after"]["kl_per_sequence"] == metrics["after"]["kl_per_sequence"] != 0, saved["after"]
     base = AutoModelForCausalLM.from_pretrained(tiny_sft)
     policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_sft), out)
-    ids = torch.tensor([[1, 5, 9, 13, 17]])
-    with torch.no_grad(), policy.disable_adapter():
-        torch.testing.assert_close(policy(ids).logits, base(ids).logits)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_sft)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"},
+                                          {"role": "assistant", "content": "5"}], tokenize=False)
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logp = torch.log_softmax(policy(ids).logits.double(), -1)
+        with policy.disable_adapter():
+            # disabling the adapter gives the reference ...
+            torch.testing.assert_close(policy(ids).logits, base(ids).logits)
+            logq = torch.log_softmax(policy(ids).logits.double(), -1)
+    assert (logp.exp() * (logp - logq)).sum(-1).mean().item() > 1e-4  # ... from which the adapter moved the policy
 
 
 def test_bad_inputs_stop_with_one_line(tiny_sft, tiny_reward, tiny_chat_data, tmp_path):
@@ -287,7 +306,10 @@ def test_bad_inputs_stop_with_one_line(tiny_sft, tiny_reward, tiny_chat_data, tm
     with pytest.raises(UserError, match="fewer than one rollout batch"):
         run_ppo(ppo_argv(tiny_sft, tiny_reward, tiny_chat_data, tmp_path / "d", "--per_device_train_batch_size",
                          "64"))
-    assert not (tmp_path / "d" / "manifest.json").exists()
+    with pytest.raises(UserError, match="^local_rollout_forward_batch_size must be >= 1, got 0$"):
+        run_ppo(ppo_argv(tiny_sft, tiny_reward, tiny_chat_data, tmp_path / "e", "--local_rollout_forward_batch_size",
+                         "0"))
+    assert not (tmp_path / "d" / "manifest.json").exists() and not (tmp_path / "e").exists()
 
 
 def test_non_finite_rewards_stop_the_run_and_long_prompts_are_truncated(tiny_sft, tiny_reward, tiny_chat_data,

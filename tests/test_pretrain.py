@@ -21,10 +21,30 @@ def run_pretrain(argv, callbacks=None):
     return pretrain.main(*pretrain.parse_args(argv), callbacks=callbacks)
 
 
+class InitialWeights(TrainerCallback):
+    """A copy of the model's weights as training begins (after initialisation, before the first step)."""
+
+    weights = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_every_saved_tensor_changed(saved_file, initial):
+    from safetensors.torch import load_file
+
+    saved = load_file(saved_file)
+    assert saved and set(saved) <= set(initial)
+    unchanged = [k for k, v in saved.items() if torch.equal(v, initial[k])]
+    assert not unchanged, unchanged
+
+
 def test_few_steps_save_reloadable_model_with_card(tiny_data, tmp_path):
     out = tmp_path / "run"
+    initial = InitialWeights()
     metrics = run_pretrain(pretrain_argv(tiny_data, out, "--max_steps", "6", "--logging_steps", "2",
-                                         "--save_steps", "100"))
+                                         "--save_steps", "100"), callbacks=[initial])
+    assert_every_saved_tensor_changed(out / "model.safetensors", initial.weights)  # 6 steps trained every tensor
     assert math.isfinite(metrics["eval_loss"]) and metrics["steps"] == 6
     assert metrics["tokens_per_second"] > 0 and 0 < metrics["mfu"] < 1.5
     model = AutoModelForCausalLM.from_pretrained(out)

@@ -22,15 +22,30 @@ def reward_argv(model_dir, preference_data, output_dir, config="tiny.yaml", *ext
             "--per_device_train_batch_size", "4", "--logging_steps", "1", "--disable_tqdm", "true", *extra]
 
 
-def run_reward(argv):
-    return reward.main(*reward.parse_args(argv))
+def run_reward(argv, callbacks=None):
+    return reward.main(*reward.parse_args(argv), callbacks=callbacks)
 
 
 def test_reward_model_trains_scores_pairs_and_reloads(tiny_pretrained, tiny_chat_data, tmp_path):
     from datasets import load_from_disk
+    from safetensors.torch import load_file
+    from transformers import TrainerCallback
+
+    class InitialWeights(TrainerCallback):  # the pretrained backbone and the fresh score head, before step 1
+        weights = None
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            self.weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     out = tmp_path / "rm"
-    metrics = run_reward(reward_argv(tiny_pretrained, tiny_chat_data["preference"], out))
+    initial = InitialWeights()
+    metrics = run_reward(reward_argv(tiny_pretrained, tiny_chat_data["preference"], out), callbacks=[initial])
+    saved, pretrained = load_file(out / "model.safetensors"), load_file(tiny_pretrained / "model.safetensors")
+    assert "score.weight" in saved and set(saved) <= set(initial.weights)
+    assert torch.equal(initial.weights["model.layers.0.self_attn.q_proj.weight"],
+                       pretrained["model.layers.0.self_attn.q_proj.weight"])  # it did start from the pretrained model
+    unchanged = [k for k, v in saved.items() if torch.equal(v, initial.weights[k])]
+    assert not unchanged, unchanged  # 4 steps moved the head and every backbone tensor
     assert math.isfinite(metrics["train_loss"]) and metrics["steps"] == 4
     test_pairs = load_from_disk(str(tiny_chat_data["preference"]))["test"]
     assert metrics["pairwise_after"]["n"] == len(test_pairs) > 0
@@ -254,3 +269,11 @@ def test_pairwise_accuracy_counts_by_hand():
              "rejected": [{"role": "assistant", "content": "a"}]}]
     result = pairwise_accuracy(Fixed(tokenizer), tokenizer, rows)
     assert result == {"accuracy": pytest.approx(2 / 3), "mean_margin": pytest.approx((2 - 1 + 1) / 3), "n": 3}
+
+
+def test_pad_token_missing_from_the_vocabulary_is_one_line(tiny_pretrained, tiny_chat_data, tmp_path):
+    with pytest.raises(UserError) as err:
+        run_reward(reward_argv(tiny_pretrained, tiny_chat_data["preference"], tmp_path / "out", "tiny.yaml",
+                               "--pad_token", "<|nope|>"))
+    assert str(err.value) == f"pad_token: '<|nope|>' is not in the vocabulary of the tokenizer of {tiny_pretrained}"
+    assert not (tmp_path / "out").exists()  # refused before the trainer is built

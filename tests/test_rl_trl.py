@@ -197,7 +197,14 @@ def check_output(out, metrics, stage, parent):
         result = metrics[when]
         assert result["n"] == 8 and 0 <= result["exact_match"] <= 1 and math.isfinite(result["mean_reward"])
     assert metrics["before"]["kl_per_sequence"] == 0.0 and math.isfinite(metrics["after"]["kl_per_sequence"])
-    assert json.loads((out / "metrics.json").read_text())["after"]["exact_match"] == metrics["after"]["exact_match"]
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["after"]["exact_match"] == metrics["after"]["exact_match"]
+    # training moved the policy: its saved weights are not the starting policy's, its exact KL to that reference
+    # is above 0, and the recipe measured a KL that is not 0 (a policy equal to its reference gives exactly 0;
+    # after 2 steps the recipe's sampled estimate is within +-0.002 of 0, so its sign is noise)
+    check_weights_changed(out / "model.safetensors", parent / "model.safetensors")
+    assert exact_kl(out, parent) > 1e-7
+    assert saved["after"]["kl_per_sequence"] == metrics["after"]["kl_per_sequence"] != 0, metrics["after"]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["stage"] == stage and manifest["inputs"]["model"] == str(parent)
     assert manifest["inputs"]["model_fingerprint"] == json.loads((parent / "manifest.json").read_text())["fingerprint"]
@@ -208,6 +215,36 @@ def check_output(out, metrics, stage, parent):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     assert "rl_curves.png" in (out / "README.md").read_text()
     check_curves_json(out, metrics, stage)
+
+
+def exact_kl(policy_dir, reference_dir) -> float:
+    """Mean over the reply positions of a few conversations of KL(pi || pi_ref), summed over the whole vocabulary
+    in float64: no sampling, so it is > 0 exactly when the two next-token distributions differ."""
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+    conversations = [USER + [{"role": "assistant", "content": "5"}],
+                     [{"role": "user", "content": "Sort these numbers: 3 1 2"},
+                      {"role": "assistant", "content": "1 2 3"}]]
+    texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in conversations]
+    kls = []
+    with torch.inference_mode():
+        policy, reference = (AutoModelForCausalLM.from_pretrained(d) for d in (policy_dir, reference_dir))
+        for text in texts:
+            ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+            logp, logq = (torch.log_softmax(m(ids).logits[0].double(), -1) for m in (policy, reference))
+            kls.append((logp.exp() * (logp - logq)).sum(-1).mean().item())
+    return sum(kls) / len(kls)
+
+
+def check_weights_changed(trained_file, start_file):
+    """Every transformer layer of the saved policy differs from the starting policy's."""
+    from safetensors.torch import load_file
+
+    trained, start = load_file(trained_file), load_file(start_file)
+    assert trained.keys() == start.keys()
+    changed = {k for k in trained if not torch.equal(trained[k], start[k])}
+    layers = {k.split(".layers.")[1].split(".")[0] for k in start if ".layers." in k}
+    assert layers and all(any(f".layers.{i}." in k for k in changed) for i in layers), sorted(changed)
+    assert all(torch.isfinite(t).all() for t in trained.values())
 
 
 def check_curves_json(out, metrics, stage):
@@ -230,7 +267,10 @@ def check_curves_json(out, metrics, stage):
 @pytest.mark.parametrize("method", ["grpo", "rloo"])
 def test_online_recipe_trains_saves_and_reports(method, tiny_sft, tiny_reward, tiny_chat_data, tmp_path):
     out = tmp_path / method
-    metrics = run(ONLINE[method], online_argv(method, tiny_sft, tiny_reward, tiny_chat_data, out))
+    # no warm-up: the preset's 2 warm-up steps would leave step 1 at learning rate 0, and step 2 would again
+    # be scored against a reference equal to the policy
+    metrics = run(ONLINE[method], online_argv(method, tiny_sft, tiny_reward, tiny_chat_data, out,
+                                              "--warmup_steps", "0"))
     check_output(out, metrics, method, tiny_sft)
     state = json.loads((out / "trainer_state.json").read_text())
     logged = [h for h in state["log_history"] if "reward" in h]
@@ -238,6 +278,11 @@ def test_online_recipe_trains_saves_and_reports(method, tiny_sft, tiny_reward, t
     # both rewards were used: the reward model and the rule-based one
     assert all("rewards/reward_model/mean" in h and "rewards/correctness_reward/mean" in h for h in logged)
     assert all("kl" in h for h in logged)  # beta > 0: a reference model was used
+    # step 1 starts at the reference (KL 0); step 2's policy has moved away from it. GRPO logs the k3 estimate
+    # (>= 0), RLOO the k1 estimate of the sampled tokens (either sign)
+    assert logged[0]["kl"] == pytest.approx(0.0, abs=1e-6) and logged[1]["kl"] != 0, [h["kl"] for h in logged]
+    if method == "grpo":
+        assert logged[1]["kl"] > 0
     model = AutoModelForCausalLM.from_pretrained(out)
     assert (out / "model.safetensors").is_file() and model.config.vocab_size > 0
     tokenizer = AutoTokenizer.from_pretrained(out)
@@ -255,6 +300,10 @@ def test_lora_grpo_saves_an_adapter_that_reloads(tiny_sft, tiny_reward, tiny_cha
     assert (out / "adapter_model.safetensors").is_file() and not (out / "model.safetensors").exists()
     model, _, _ = load_pretrained(str(out), AutoModelForCausalLM)
     assert type(model).__name__ == "PeftModelForCausalLM"
+    from safetensors.torch import load_file
+
+    lora_b = {k: v for k, v in load_file(out / "adapter_model.safetensors").items() if "lora_B" in k}
+    assert lora_b and all(torch.count_nonzero(v) > 0 for v in lora_b.values())  # B starts at 0: it learned
     # the adapter moved the policy away from its reference, the SFT model (a sampled estimate: its sign may vary)
     assert metrics["after"]["kl_per_sequence"] != 0.0
 
@@ -370,7 +419,8 @@ def test_reference_curves_draw_dashed_under_the_run_and_bad_files_stop_with_one_
     assert load_reference_curves(None) is None
 
 
-TINY_RL_YAMLS = [REPO_ROOT / f"recipes/rl/{m}_tiny.yaml" for m in ("ppo", "grpo", "rloo", "dpo")]
+TINY_RL_YAMLS = [REPO_ROOT / f"recipes/rl/{m}_tiny.yaml" for m in ("ppo", "grpo", "rloo", "dpo")] + [
+    REPO_ROOT / "recipes/rl/ppo_tiny_lora.yaml"]
 
 
 @pytest.mark.parametrize("path", TINY_RL_YAMLS, ids=lambda p: p.name)
@@ -414,3 +464,17 @@ def test_rl_yaml_parses_and_sets_beta_explicitly(path):
     if path.name.endswith("_tiny.yaml"):
         assert model_args.model_name_or_path == "outputs/sft_tiny" and not training_args.activation_checkpointing
         assert script_args.reward_model_path == "outputs/reward_tiny"
+
+
+@pytest.mark.parametrize("method", ["grpo", "rloo", "dpo"])
+def test_eval_batch_size_below_one_stops_before_training(method):
+    module = {"grpo": grpo, "rloo": rloo, "dpo": dpo}[method]
+    with pytest.raises(UserError, match="^eval_batch_size must be >= 1, got 0$"):
+        module.parse_args(["--config", str(REPO_ROOT / f"recipes/rl/{method}_tiny.yaml"), "--eval_batch_size", "0"])
+
+
+def test_dpo_pad_token_missing_from_the_vocabulary_is_one_line(tiny_sft, tiny_reward, tiny_chat_data, tmp_path):
+    with pytest.raises(UserError) as err:
+        run(dpo, dpo_argv(tiny_sft, tiny_reward, tiny_chat_data, tmp_path / "out", "--pad_token", "<|nope|>"))
+    assert str(err.value) == f"pad_token: '<|nope|>' is not in the vocabulary of the tokenizer of {tiny_sft}"
+    assert not (tmp_path / "out").exists()

@@ -112,6 +112,15 @@ def test_full_sft_runs_and_saves_a_reloadable_chat_model(tiny_pretrained, tiny_c
     model = AutoModelForCausalLM.from_pretrained(out)
     assert (out / "model.safetensors").is_file()
     assert torch.isfinite(logits_of(model, tokenizer)).all()
+    # full fine-tuning moved the weights of every layer away from the pretrained ones it started from
+    from safetensors.torch import load_file
+
+    saved, pretrained = load_file(out / "model.safetensors"), load_file(tiny_pretrained / "model.safetensors")
+    assert saved.keys() == pretrained.keys()
+    changed = {k for k in saved if not torch.equal(saved[k], pretrained[k])}
+    for i in range(model.config.num_hidden_layers):
+        assert {f"model.layers.{i}.self_attn.q_proj.weight", f"model.layers.{i}.mlp.down_proj.weight"} <= changed, i
+    assert "model.embed_tokens.weight" in changed
 
 
 @pytest.mark.parametrize("config", ["tiny_lora.yaml", "tiny_bottleneck.yaml"])
@@ -128,6 +137,12 @@ def test_peft_trains_few_parameters_leaves_base_unchanged_and_reloads_identicall
                       callbacks=[captured])
     assert metrics["trainable_params"] < metrics["total_params"]
     assert (out / "adapter_model.safetensors").is_file() and not (out / "model.safetensors").exists()
+    # LoRA's B and the adapters' up-projection start at exactly 0: all of them have learned something
+    from safetensors.torch import load_file
+
+    zero_init = {k: v for k, v in load_file(out / "adapter_model.safetensors").items()
+                 if "lora_B" in k or "bottleneck_up" in k and k.endswith("weight")}
+    assert zero_init and all(torch.count_nonzero(v) > 0 for v in zero_init.values()), sorted(zero_init)
 
     # after training, the frozen base inside the trained model is what was pretrained, bit for bit
     pretrained = AutoModelForCausalLM.from_pretrained(tiny_pretrained).state_dict()
@@ -148,20 +163,45 @@ def test_peft_trains_few_parameters_leaves_base_unchanged_and_reloads_identicall
 
 
 def test_peft_share_of_trainable_parameters_on_the_tiny_preset():
-    """The issue's bound (< 5%) on the model users fine-tune: the tiny preset's shape, LoRA and adapters
-    exactly as tiny_lora.yaml / tiny_bottleneck.yaml configure them."""
+    """The issue's bound (< 5%) on the model users fine-tune: the architecture of recipes/pretrain/tiny.yaml
+    (built by the pretraining recipe's own build_config) with the speedrun's tokenizer size (train_tokenizer's
+    default, 512), and LoRA and adapters exactly as tiny_lora.yaml / tiny_bottleneck.yaml configure them."""
     from peft import get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
+    from data_prep.train_tokenizer import TokenizerArguments
     from recipes.peft_methods import build_peft_config, trainable_parameters
+    from recipes.pretrain import pretrain
 
-    config = LlamaConfig(vocab_size=4096, hidden_size=128, intermediate_size=384, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True)
+    class SpeedrunTokenizer:
+        bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
+
+        def __len__(self):
+            return TokenizerArguments().vocab_size
+
+    _, _, arch_args = pretrain.parse_args(["--config", str(REPO_ROOT / "recipes/pretrain/tiny.yaml")])
+    config = pretrain.build_config(arch_args, SpeedrunTokenizer())
+    assert (config.vocab_size, config.num_hidden_layers, config.hidden_size) == (512, 4, 128)
+    d, d_ff, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    base = AutoModelForCausalLM.from_config(config)
+    n_base = sum(p.numel() for p in base.parameters())
+    assert n_base == 918_656  # the "0.92M parameters" tiny.yaml states
+    shares = {}
     for yaml_name in ("tiny_lora.yaml", "tiny_bottleneck.yaml"):
         _, _, model_args, peft_args = sft.parse_args(["--config", str(REPO_ROOT / "recipes/sft" / yaml_name)])
-        model = get_peft_model(LlamaForCausalLM(config), build_peft_config(model_args, peft_args))
+        model = get_peft_model(AutoModelForCausalLM.from_config(config), build_peft_config(model_args, peft_args))
         trainable, total = trainable_parameters(model)
-        assert trainable / total < 0.05, (yaml_name, trainable, total)
+        if yaml_name == "tiny_lora.yaml":  # r (d_in + d_out) on the 4 attention and 3 MLP projections of each layer
+            r = model_args.lora_r
+            expected = layers * r * (4 * (d + d) + 2 * (d + d_ff) + (d_ff + d))
+        else:  # down (d x b + b), up (b x d + d) after attention and after the MLP of each layer
+            b = peft_args.bottleneck_size
+            expected = layers * 2 * (d * b + b + b * d + d)
+        assert (trainable, total) == (expected, n_base + expected), yaml_name
+        shares[yaml_name] = trainable / total
+    # LoRA r=4 trains 4.3% and the bottleneck adapters (size 16) 3.6% of this model: both under 5%
+    assert shares == {"tiny_lora.yaml": pytest.approx(0.0427, abs=5e-4),
+                      "tiny_bottleneck.yaml": pytest.approx(0.0356, abs=5e-4)}
 
 
 def test_merged_lora_gives_the_adapter_models_logits(tiny_pretrained, tiny_chat_data, tmp_path):
@@ -245,6 +285,14 @@ def test_missing_messages_column_and_bad_targets_and_missing_markers(tiny_pretra
                          "--chat_template_path", str(template)))
     for out in ("a", "b", "c"):
         assert not (tmp_path / out / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("key", ["eos_token", "pad_token"])
+def test_special_token_missing_from_the_vocabulary_is_one_line(key, tiny_pretrained, tiny_chat_data, tmp_path):
+    with pytest.raises(UserError) as err:
+        run_sft(sft_argv(tiny_pretrained, tiny_chat_data["sft"], tmp_path / "out", "tiny.yaml", f"--{key}", "<|nope|>"))
+    assert str(err.value) == f"{key}: '<|nope|>' is not in the vocabulary of the tokenizer of {tiny_pretrained}"
+    assert not (tmp_path / "out").exists()  # refused before the trainer is built
 
 
 def test_fused_head_on_labelled_positions_gives_the_same_loss_and_gradients():
