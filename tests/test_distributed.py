@@ -115,23 +115,46 @@ def test_sft_then_reward_under_zero3_on_two_cpu_processes(tiny_pretrained, tiny_
     assert not info["missing_keys"] and model.score.weight.abs().sum() > 0
 
 
-def test_ppo_under_zero2_on_two_cpu_processes_and_zero3_refused(tiny_sft, tiny_reward, tiny_chat_data, tmp_path):
+LORA = ("--use_peft", "true", "--lora_r", "4", "--lora_alpha", "8", "--lora_target_modules", "q_proj", "v_proj")
+
+
+@pytest.mark.parametrize("policy,weights_file,ports", [
+    pytest.param((), "model.safetensors", (29607, 29608), id="full"),
+    pytest.param(LORA, "adapter_model.safetensors", (29611, 29612), id="lora"),
+])
+def test_ppo_under_zero2_and_zero3_on_two_cpu_processes_agree(policy, weights_file, ports, tiny_sft, tiny_reward,
+                                                              tiny_chat_data, tmp_path):
+    """ZeRO-3 gathers the partitioned policy for the rollouts and the critic's head for zeroing: the same seeded
+    run under ZeRO-2 and ZeRO-3 logs the same rollouts and losses and saves the same weights (or adapter)."""
+    from safetensors.torch import load_file
     from test_ppo import ppo_argv
 
-    out = tmp_path / "ppo_zero2"
-    argv = ppo_argv(tiny_sft, tiny_reward, tiny_chat_data, out, "--num_mini_batches", "1", "--eval_max_samples", "8")
-    result = accelerate_launch("accelerate_configs/deepspeed_zero2.yaml", "recipes/rl/ppo.py", argv, port=29607)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    assert "[ppo] DEEPSPEED ZeRO-2 on 2 process(es)" in result.stdout
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["updates"] == 2 and "after" in metrics  # 16 episodes / (4 rollouts x 2 processes)
-    logs = json.loads((out / "trainer_state.json").read_text())["log_history"]
-    assert all(row["loss/value"] == row["loss/value"] for row in logs)
-    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
-    assert not info["missing_keys"]
+    runs = {}
+    for stage, port in zip(("zero2", "zero3"), ports):
+        out = tmp_path / f"ppo_{stage}"
+        argv = ppo_argv(tiny_sft, tiny_reward, tiny_chat_data, out, *policy, "--num_mini_batches", "1",
+                        "--eval_max_samples", "8", "--value_head_init", "zero", "--learning_rate", "1e-3")
+        result = accelerate_launch(f"accelerate_configs/deepspeed_{stage}.yaml", "recipes/rl/ppo.py", argv, port=port)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+        assert f"[ppo] DEEPSPEED ZeRO-{stage[-1]} on 2 process(es)" in result.stdout
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["updates"] == 2 and "after" in metrics  # 16 episodes / (4 rollouts x 2 processes)
+        logs = [row for row in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss/value" in row]
+        runs[stage] = logs, load_file(out / weights_file)
 
-    result = accelerate_launch("accelerate_configs/deepspeed_zero3.yaml", "recipes/rl/ppo.py",
-                               ppo_argv(tiny_sft, tiny_reward, tiny_chat_data, tmp_path / "ppo_zero3"), port=29608)
-    # each rank exits 2 with the one-line error; the launcher itself then exits non-zero
-    assert result.returncode != 0 and "error: PPO does not run under DeepSpeed ZeRO-3" in result.stdout + result.stderr
-    assert not (tmp_path / "ppo_zero3" / "manifest.json").exists()
+    (logs2, weights2), (logs3, weights3) = runs["zero2"], runs["zero3"]
+    assert len(logs2) == len(logs3) == 2
+    for row2, row3 in zip(logs2, logs3):
+        for key in ("reward", "kl", "loss/value", "loss/policy", "response_length"):
+            assert row3[key] == pytest.approx(row2[key], rel=1e-4, abs=1e-6), key
+    # a zeroed critic head values every token 0, so the first value loss is 0.5 * mean(return^2) > 0 under both
+    assert logs2[0]["loss/value"] > 0
+    shared = [k for k in weights3 if k in weights2]  # ZeRO-2 also writes the tied lm_head of a full policy
+    assert shared and all(torch.allclose(weights2[k], weights3[k], atol=1e-5) for k in shared)
+    if weights_file == "model.safetensors":
+        start = load_file(tiny_sft / "model.safetensors")
+        assert any(not torch.equal(weights3[k], start[k]) for k in shared)  # the policy did train
+        model, info = AutoModelForCausalLM.from_pretrained(tmp_path / "ppo_zero3", output_loading_info=True)
+        assert not info["missing_keys"]
+    else:  # LoRA's B starts at zero: a trained adapter has moved it
+        assert any(weights3[k].abs().max() > 0 for k in weights3 if "lora_B" in k)

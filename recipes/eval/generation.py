@@ -46,8 +46,10 @@ def generate_replies(model, tokenizer, conversations: list[list[dict]], max_new_
             batch = order[start:start + batch_size]
             enc = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True,
                             add_special_tokens=False).to(model.device)
+            # The model here is whole on this process: with ZeRO-3 configured, transformers would otherwise
+            # sync every decoding step with ranks that are not generating, and wait for them forever.
             out = model.generate(**enc, max_new_tokens=max_new_tokens, eos_token_id=stop_token_ids(tokenizer),
-                                 pad_token_id=tokenizer.pad_token_id, **generate_kwargs)
+                                 pad_token_id=tokenizer.pad_token_id, synced_gpus=False, **generate_kwargs)
             texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
             for i, text in zip(batch, texts):
                 replies[i] = text.strip()

@@ -81,8 +81,8 @@ def sample_responses(model, tokenizer, prompts: list, max_new_tokens: int, do_sa
                             add_special_tokens=False).to(model.device)
             kwargs = {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0} if do_sample else {
                 "do_sample": False}
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, eos_token_id=stops,
-                                 pad_token_id=tokenizer.pad_token_id, **kwargs)
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, eos_token_id=stops,  # a whole model, one process
+                                 pad_token_id=tokenizer.pad_token_id, synced_gpus=False, **kwargs)
             prompt_len = enc["input_ids"].shape[1]
             response = out[:, prompt_len:]
             is_stop = torch.isin(response, torch.tensor(stops, device=response.device))

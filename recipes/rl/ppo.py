@@ -10,6 +10,10 @@
     accelerate launch --config_file accelerate_configs/deepspeed_zero2.yaml recipes/rl/ppo.py \
         --config recipes/rl/ppo_smollm2_360m.yaml
 
+    # a policy too large to train whole on each GPU: ZeRO-3 partitions it (gathered for each rollout)
+    accelerate launch --config_file accelerate_configs/deepspeed_zero3.yaml recipes/rl/ppo.py \
+        --config recipes/rl/ppo_smollm2_360m.yaml
+
 Input: the SFT output (policy and reference), the reward-model output (reward, and the critic's
 initial weights) and prompts (`rl_prompts` of data_prep.build_sft_data, or a Hub prompt set).
 Output (`output_dir`): the policy (or its adapter), tokenizer, `metrics.json` with held-out reward,
@@ -54,11 +58,10 @@ def main(script_args, training_args, model_args, peft_args, callbacks=None) -> d
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, set_seed
 
     from recipes.rl.prompts import load_prompts, truncate_prompts
-    from recipes.rl.ppo_trainer import PPOTrainer, refuse_zero3
+    from recipes.rl.ppo_trainer import PPOTrainer
     from recipes.rl.rewards import build_reward_funcs
 
     started = time.time()
-    refuse_zero3()
     reference_curves = load_reference_curves(script_args.reference_curves)
     # ------------------------------------------------------------------ data
     data_inputs, train_prompts, test_prompts = load_prompts(

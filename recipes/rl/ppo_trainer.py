@@ -233,14 +233,22 @@ def _reference_logits(model, input_ids, attention_mask, position_ids, response_l
 
 # ---------------------------------------------------------------------------- trainer
 
-def refuse_zero3() -> None:
-    """Rollouts would need every rank to gather the partitioned policy inside `generate`, step by step in
-    lockstep; on the 2-process CPU test that deadlocked, so ZeRO-3 is refused with the alternatives."""
+def _zero_parameters(params) -> None:
+    """Set parameters to 0, also when ZeRO-3 holds them partitioned across processes."""
+    import contextlib
+
     from transformers.integrations import is_deepspeed_zero3_enabled
 
+    params = list(params)
     if is_deepspeed_zero3_enabled():
-        raise UserError("PPO does not run under DeepSpeed ZeRO-3 (rollout generation with partitioned weights "
-                        "hangs); use accelerate_configs/deepspeed_zero2.yaml, or a LoRA policy with DDP")
+        import deepspeed
+
+        gathered = deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+    else:
+        gathered = contextlib.nullcontext()
+    with gathered, torch.no_grad():
+        for param in params:
+            param.zero_()
 
 
 class PPOTrainer(Trainer):
@@ -251,7 +259,6 @@ class PPOTrainer(Trainer):
 
     def __init__(self, args: PPOConfig, processing_class, model, ref_model, value_model, reward_funcs: list[Callable],
                  train_dataset, callbacks=None):
-        refuse_zero3()
         check_batch_size("local_rollout_forward_batch_size", args.local_rollout_forward_batch_size)
         self.reward_funcs = list(reward_funcs)
         weights = args.reward_weights or [1.0] * len(self.reward_funcs)
@@ -266,9 +273,7 @@ class PPOTrainer(Trainer):
                             "policy with the adapter disabled)")
         wrapper = PolicyAndValueWrapper(model, value_model)  # checks that the critic has a `score` head
         if args.value_head_init == "zero":
-            with torch.no_grad():
-                for param in value_model.score.parameters():
-                    param.zero_()
+            _zero_parameters(value_model.score.parameters())
         super().__init__(model=wrapper, args=args, processing_class=processing_class, train_dataset=train_dataset,
                          callbacks=callbacks)
         self.ref_model = ref_model
@@ -351,9 +356,11 @@ class PPOTrainer(Trainer):
         with unwrap_model_for_generation(self.model_wrapped, self.accelerator) as unwrapped:
             unwrapped.eval()
             for start in range(0, len(rows), chunk):
+                # Under ZeRO-3 the context above has gathered the whole policy on every process, so each one
+                # generates on its own (no per-token sync) and replies may end at different steps.
                 out = unwrapped.policy.generate(input_ids=batch["input_ids"][start:start + chunk],
                                                 attention_mask=batch["attention_mask"][start:start + chunk],
-                                                generation_config=generation_config)
+                                                generation_config=generation_config, synced_gpus=False)
                 reply = out[:, context_length:]
                 pad = torch.full((len(reply), args.response_length - reply.shape[1]), tokenizer.pad_token_id,
                                  dtype=reply.dtype, device=reply.device)
