@@ -133,7 +133,8 @@ def test_ppo_under_zero2_and_zero3_on_two_cpu_processes_agree(policy, weights_fi
     for stage, port in zip(("zero2", "zero3"), ports):
         out = tmp_path / f"ppo_{stage}"
         argv = ppo_argv(tiny_sft, tiny_reward, tiny_chat_data, out, *policy, "--num_mini_batches", "1",
-                        "--eval_max_samples", "8", "--value_head_init", "zero", "--learning_rate", "1e-3")
+                        "--eval_max_samples", "8", "--value_head_init", "zero", "--learning_rate", "1e-3",
+                        "--save_strategy", "steps", "--save_steps", "1", "--save_total_limit", "2")
         result = accelerate_launch(f"accelerate_configs/deepspeed_{stage}.yaml", "recipes/rl/ppo.py", argv, port=port)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
         assert f"[ppo] DEEPSPEED ZeRO-{stage[-1]} on 2 process(es)" in result.stdout
@@ -158,3 +159,20 @@ def test_ppo_under_zero2_and_zero3_on_two_cpu_processes_agree(policy, weights_fi
         assert not info["missing_keys"]
     else:  # LoRA's B starts at zero: a trained adapter has moved it
         assert any(weights3[k].abs().max() > 0 for k in weights3 if "lora_B" in k)
+
+    if weights_file == "model.safetensors":
+        # Resumed from ZeRO-3's checkpoint-1 (the DeepSpeed engine restores its partitioned weights and optimizer
+        # state), update 2 is the one the straight run made.
+        out = tmp_path / "ppo_zero3"
+        argv = ppo_argv(tiny_sft, tiny_reward, tiny_chat_data, out, *policy, "--num_mini_batches", "1",
+                        "--eval_max_samples", "8", "--value_head_init", "zero", "--learning_rate", "1e-3",
+                        "--resume_from_checkpoint", str(out / "checkpoint-1"))
+        result = accelerate_launch("accelerate_configs/deepspeed_zero3.yaml", "recipes/rl/ppo.py", argv, port=29613)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+        logs = [row for row in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss/value" in row]
+        assert [row["episode"] for row in logs] == [row["episode"] for row in logs3]
+        for row3, row in zip(logs3, logs):
+            for key in ("reward", "kl", "loss/value", "loss/policy", "response_length"):
+                assert row[key] == pytest.approx(row3[key], rel=1e-5, abs=1e-7), key
+        resumed = load_file(out / weights_file)
+        assert all(torch.allclose(resumed[k], weights3[k], atol=1e-6) for k in weights3)

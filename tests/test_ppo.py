@@ -159,6 +159,67 @@ def test_zero_learning_rate_keeps_the_ratio_at_one(tiny_sft, tiny_reward, tiny_c
         assert row["approxkl"] == pytest.approx(0.0, abs=1e-8)
 
 
+RESUMABLE = ("--total_episodes", "32", "--save_strategy", "steps", "--save_steps", "2", "--learning_rate", "1e-3",
+             "--dataset_test_split", "none")  # 4 updates of 8 rollouts, a checkpoint after updates 2 and 4
+
+
+@pytest.mark.parametrize("policy", [pytest.param((), id="full"), pytest.param(
+    ("--use_peft", "true", "--lora_r", "4", "--lora_alpha", "8", "--lora_target_modules", "q_proj", "v_proj"),
+    id="lora")])
+def test_resume_after_interruption_matches_the_uninterrupted_run(policy, tiny_sft, tiny_reward, tiny_chat_data,
+                                                                 tmp_path):
+    """A run stopped after checkpoint-2 and resumed from it rolls out the same replies and ends with the same
+    weights as the run that went straight through: policy, critic, optimizer, schedule, KL coefficient, random
+    state and prompt order all come back."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_ppo(ppo_argv(tiny_sft, tiny_reward, tiny_chat_data, straight, *policy, *RESUMABLE, "--adaptive_kl", "true",
+                     "--target_kl", "0.01", "--kl_horizon", "16"))  # the KL coefficient moves, so it must be restored
+    checkpoint = straight / "checkpoint-2"
+    assert json.loads((checkpoint / "ppo_state.json").read_text())["update"] == 2
+    resumed.mkdir()
+    shutil.copytree(checkpoint, resumed / "checkpoint-2")  # what an interrupted run leaves behind
+    metrics = run_ppo(ppo_argv(tiny_sft, tiny_reward, tiny_chat_data, resumed, *policy, *RESUMABLE, "--adaptive_kl",
+                               "true", "--target_kl", "0.01", "--kl_horizon", "16", "--resume_from_checkpoint", "true"))
+    assert metrics["updates"] == 4
+    logs_straight, logs_resumed = _trainer_logs(straight), _trainer_logs(resumed)
+    assert [row["episode"] for row in logs_resumed] == [8, 16, 24, 32]  # the restored log goes on
+    assert logs_straight[-1]["kl_coef"] != 0.05
+    for row_straight, row_resumed in zip(logs_straight, logs_resumed):
+        for key in ("reward", "kl", "kl_coef", "loss/policy", "loss/value", "response_length", "learning_rate"):
+            assert row_resumed[key] == row_straight[key], (row_straight["episode"], key)
+    weights = "adapter_model.safetensors" if policy else "model.safetensors"
+    final_straight, final_resumed = load_file(straight / weights), load_file(resumed / weights)
+    assert all(torch.equal(final_straight[k], final_resumed[k]) for k in final_straight)
+    manifest = json.loads((resumed / "manifest.json").read_text())
+    assert manifest["inputs"]["resumed_from"] == str(resumed / "checkpoint-2")
+
+
+def test_bad_checkpoints_stop_with_one_line(tiny_sft, tiny_reward, tiny_chat_data, tmp_path):
+    import shutil
+
+    from data_prep.artifacts import UserError
+
+    run_ppo(ppo_argv(tiny_sft, tiny_reward, tiny_chat_data, tmp_path / "run", *RESUMABLE, "--total_episodes", "16"))
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    with pytest.raises(UserError, match=r"rollouts_per_update was 8 in the checkpointed run and is 16 now"):
+        run_ppo(ppo_argv(tiny_sft, tiny_reward, tiny_chat_data, tmp_path / "other", *RESUMABLE,
+                         "--per_device_train_batch_size", "8", "--resume_from_checkpoint", str(checkpoint)))
+    interrupted = tmp_path / "interrupted"
+    shutil.copytree(checkpoint, interrupted)
+    (interrupted / "ppo_state.json").unlink()  # the save died before its last file
+    with pytest.raises(UserError, match="has no ppo_state.json"):
+        run_ppo(ppo_argv(tiny_sft, tiny_reward, tiny_chat_data, tmp_path / "x", *RESUMABLE,
+                         "--resume_from_checkpoint", str(interrupted)))
+    with pytest.raises(UserError, match="no checkpoint-\\* directory"):
+        run_ppo(ppo_argv(tiny_sft, tiny_reward, tiny_chat_data, tmp_path / "empty", *RESUMABLE,
+                         "--resume_from_checkpoint", "true"))
+    assert not (tmp_path / "other" / "manifest.json").exists() and not (tmp_path / "x" / "manifest.json").exists()
+
+
 def test_critic_warmup_freezes_the_policy_and_then_lets_it_learn(tiny_sft, tiny_reward, tiny_chat_data, tmp_path):
     """During critic_warmup_updates the policy keeps the SFT weights exactly (ratio 1) while the critic trains;
     after them the policy moves."""

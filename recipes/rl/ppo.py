@@ -30,7 +30,8 @@ from pathlib import Path
 from trl import ModelConfig
 
 from data_prep.artifacts import parse_config, run_cli
-from recipes.common import load_pretrained, mark_incomplete, no_zero3_init, training_summary, with_cpu_process_group
+from recipes.common import (load_pretrained, mark_incomplete, no_zero3_init, resolve_resume, training_summary,
+                            with_cpu_process_group)
 from recipes.peft_methods import PeftMethodArguments, build_peft_config, trainable_parameters
 from recipes.rl.common import (ReferenceCurveArguments, RLShapingArguments, finish_run, load_reference_curves,
                               summary_line)
@@ -62,6 +63,7 @@ def main(script_args, training_args, model_args, peft_args, callbacks=None) -> d
     from recipes.rl.rewards import build_reward_funcs
 
     started = time.time()
+    resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)  # checked before loading
     reference_curves = load_reference_curves(script_args.reference_curves)
     # ------------------------------------------------------------------ data
     data_inputs, train_prompts, test_prompts = load_prompts(
@@ -123,7 +125,7 @@ def main(script_args, training_args, model_args, peft_args, callbacks=None) -> d
 
     # ------------------------------------------------------------------ train
     train_started = time.time()
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume)
     metrics.update(updates=trainer.state.global_step, train_runtime_s=round(time.time() - train_started, 1),
                    final_kl_coef=trainer.kl_controller.value)
 
@@ -141,7 +143,7 @@ def main(script_args, training_args, model_args, peft_args, callbacks=None) -> d
         inputs = {"model": policy_path, "model_fingerprint": parent.get("fingerprint"),
                   "reward_model": script_args.reward_model_path, "value_model": value_path,
                   "reference": "adapter disabled" if ref_model is None else script_args.ref_model_path or policy_path,
-                  **data_inputs}
+                  "resumed_from": resume, **data_inputs}
         options = {"peft": peft_config.to_dict() if peft_config else None, "peft_method": asdict(peft_args),
                    "correctness_reward": script_args.correctness_reward,
                    "reward_model_clip": script_args.reward_model_clip,

@@ -22,7 +22,9 @@ tests pin to hand computations.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -231,7 +233,20 @@ def _reference_logits(model, input_ids, attention_mask, position_ids, response_l
                  logits_to_keep=response_length + 1).logits[:, :-1]
 
 
+def _without_shared_tensors(state_dict: dict) -> dict:
+    """The state dict with each storage once (tied embeddings share one): safetensors stores no aliases."""
+    seen, kept = set(), {}
+    for name, tensor in state_dict.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key not in seen:
+            seen.add(key)
+            kept[name] = tensor
+    return kept
+
+
 # ---------------------------------------------------------------------------- trainer
+
+PPO_STATE_NAME = "ppo_state.json"  # in checkpoint-N: the update, KL coefficient and what the prompt order needs
 
 def _zero_parameters(params) -> None:
     """Set parameters to 0, also when ZeRO-3 holds them partitioned across processes."""
@@ -322,14 +337,18 @@ class PPOTrainer(Trainer):
         return self.optimizer
 
     # ------------------------------------------------------------------ data
-    def _prompt_batches(self):
-        """Endless shuffled batches of this process's share of the prompts, as (token batch, rows)."""
+    def _prompt_batches(self, skip: int = 0):
+        """Endless shuffled batches of this process's share of the prompts, as (token batch, rows); the first
+        `skip` batches (those a resumed run has already rolled out) are passed over untouched."""
         shard = self.train_dataset.shard(num_shards=self.world_size, index=self.accelerator.process_index)
         tokenizer = self.processing_class
         generator = torch.Generator().manual_seed(self.args.seed)
         while True:
             order = torch.randperm(len(shard), generator=generator).tolist()
             for start in range(0, len(order) - self.rollout_batch_size + 1, self.rollout_batch_size):
+                if skip:
+                    skip -= 1
+                    continue
                 rows = [shard[i] for i in order[start:start + self.rollout_batch_size]]
                 texts = [tokenizer.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True)
                          for r in rows]
@@ -422,18 +441,28 @@ class PPOTrainer(Trainer):
                 "texts": texts}
 
     # ------------------------------------------------------------------ train
-    def train(self, resume_from_checkpoint=None, **kwargs):
-        if resume_from_checkpoint:
-            raise UserError("PPO: resume_from_checkpoint is not supported; start from the saved policy instead")
+    def train(self, resume_from_checkpoint: str | None = None, **kwargs):
+        """The PPO loop. With `resume_from_checkpoint` (a `checkpoint-N` directory that this trainer saved) it
+        goes on from update N+1 with the policy, critic, optimizer, schedule, KL coefficient, random state and
+        prompt order of that moment, so it ends where the uninterrupted run would have."""
         args = self.args
+        checkpoint = resume_from_checkpoint
+        if checkpoint:
+            ppo_state = self._read_checkpoint(checkpoint)
+            if not (self.is_deepspeed_enabled or self.is_fsdp_enabled):  # those engines load it in _prepare_for_training
+                self._load_policy_and_critic(checkpoint)
         self.state.max_steps = self.num_updates
         self.state.logging_steps = args.logging_steps
-        model, _ = self._prepare_for_training(self.num_updates, None, None)
+        model, _ = self._prepare_for_training(self.num_updates, None, checkpoint or None)
         self.model_wrapped = model
+        done = 0
+        if checkpoint:
+            done = self._restore_loop_state(checkpoint, ppo_state)
         self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
-        batches = self._prompt_batches()
+        batches = self._prompt_batches(skip=done)
+        save_every = self._save_every()
         started = time.time()
-        for update in range(1, self.num_updates + 1):
+        for update in range(done + 1, self.num_updates + 1):
             batch, rows = next(batches)
             rollout = self._rollout(batch, rows)
             mask = rollout["mask"]
@@ -473,8 +502,75 @@ class PPOTrainer(Trainer):
                     **{f"time/{phase}_s": round(seconds, 3) for phase, seconds in timing.items()},
                     "elapsed_s": round(time.time() - started, 1)})
             self.control = self.callback_handler.on_step_end(args, self.state, self.control)
+            if save_every and update % save_every == 0:
+                self._save_ppo_checkpoint(model)
         self.control = self.callback_handler.on_train_end(args, self.state, self.control)
         return self.state
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save_every(self) -> int | None:
+        """Updates between checkpoints (`save_strategy: steps`; a `save_steps` below 1 is a share of the run)."""
+        if self.args.save_strategy != "steps":
+            return None
+        steps = self.args.save_steps
+        return max(1, math.ceil(self.num_updates * steps) if steps < 1 else int(steps))
+
+    def _save_ppo_checkpoint(self, model) -> None:
+        """`checkpoint-N`: the Trainer's checkpoint (weights of policy and critic, optimizer, schedule, random
+        states, trainer_state.json, rotation by save_total_limit) plus ppo_state.json, written last: a directory
+        without it is an interrupted save and is refused on resume."""
+        self._save_checkpoint(model, trial=None)
+        if self.args.should_save:
+            folder = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
+            state = {"update": self.state.global_step, "kl_coef": self.kl_controller.value,
+                     "rollouts_per_update": self.rollout_batch_size * self.world_size,
+                     "prompts": len(self.train_dataset), "seed": self.args.seed}
+            with open(os.path.join(folder, PPO_STATE_NAME + ".tmp"), "w") as f:
+                json.dump(state, f, indent=2)
+            os.replace(os.path.join(folder, PPO_STATE_NAME + ".tmp"), os.path.join(folder, PPO_STATE_NAME))
+        self.accelerator.wait_for_everyone()
+
+    def _read_checkpoint(self, checkpoint: str) -> dict:
+        path = os.path.join(checkpoint, PPO_STATE_NAME)
+        if not os.path.isfile(path):
+            raise UserError(f"resume_from_checkpoint: {checkpoint} has no {PPO_STATE_NAME} (not a PPO checkpoint, "
+                            "or its save was interrupted)")
+        try:
+            state = json.loads(open(path, encoding="utf-8").read())
+        except json.JSONDecodeError as error:
+            raise UserError(f"{path}: not valid JSON (line {error.lineno})") from None
+        # The prompt order is replayed from the seed: it must be the same order, in the same batches.
+        now = {"rollouts_per_update": self.rollout_batch_size * self.world_size, "prompts": len(self.train_dataset),
+               "seed": self.args.seed}
+        for key, value in now.items():
+            if state.get(key) != value:
+                raise UserError(f"{path}: {key} was {state.get(key)} in the checkpointed run and is {value} now; "
+                                "resume with the same prompts, seed, batch sizes and number of processes")
+        return state
+
+    def _load_policy_and_critic(self, checkpoint: str) -> None:
+        from safetensors.torch import load_file
+
+        path = os.path.join(checkpoint, "model.safetensors")
+        if not os.path.isfile(path):
+            raise UserError(f"resume_from_checkpoint: {path} not found")
+        saved = load_file(path)
+        expected = set(_without_shared_tensors(self.model.state_dict()))
+        if set(saved) != expected:
+            different = sorted(set(saved) ^ expected)
+            raise UserError(f"{path}: does not hold this policy and critic ({len(different)} parameter names "
+                            f"differ, e.g. {different[0]})")
+        self.model.load_state_dict(saved, strict=False)  # tied weights (saved once) follow their twin
+
+    def _restore_loop_state(self, checkpoint: str, ppo_state: dict) -> int:
+        from transformers import TrainerState
+
+        self.state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
+        self.state.max_steps = self.num_updates
+        self.state.logging_steps = self.args.logging_steps
+        self.kl_controller.value = ppo_state["kl_coef"]
+        self._load_rng_state(checkpoint)
+        return int(ppo_state["update"])
 
     def _ppo_epochs(self, model, rollout: dict, advantages: torch.Tensor, returns: torch.Tensor,
                     train_policy: bool = True) -> dict:
@@ -553,11 +649,18 @@ class PPOTrainer(Trainer):
 
     # ------------------------------------------------------------------ save
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Save the policy alone (a PEFT policy saves its adapter). Every process must call this:
-        under ZeRO-3 the full weights are gathered here."""
+        """Save the policy alone (a PEFT policy saves its adapter); inside a checkpoint (`_internal_call`), the
+        policy and critic together, to resume from. Every process must call this: under ZeRO-3 the full weights
+        are gathered here."""
         output_dir = output_dir or self.args.output_dir
         state_dict = self.accelerator.get_state_dict(self.model_wrapped)
-        if self.accelerator.is_main_process:
+        if self.accelerator.is_main_process and _internal_call:
+            from safetensors.torch import save_file
+
+            os.makedirs(output_dir, exist_ok=True)
+            tensors = {k: v.contiguous() for k, v in _without_shared_tensors(state_dict).items()}
+            save_file(tensors, os.path.join(output_dir, "model.safetensors"), metadata={"format": "pt"})
+        elif self.accelerator.is_main_process:
             policy = self.accelerator.unwrap_model(self.model_wrapped).policy
             prefix = "policy."
             policy_state = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
