@@ -14,8 +14,21 @@ os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class StepsTrained(TrainerCallback):
+    """Records the step of every optimizer step a trainer takes: a resumed run takes only the steps after its
+    checkpoint (its log, restored from the checkpoint, cannot tell)."""
+
+    def __init__(self):
+        self.steps = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps.append(state.global_step)
+
 
 # Model shape for fast tests: 2 layers, hidden 32. The recipe YAML stays the source of every
 # other setting; tests only override what makes the run small.

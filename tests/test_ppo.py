@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, StepsTrained
 from recipes.rl.ppo_trainer import (AdaptiveKLController, PPOTrainer, clipped_policy_loss, clipped_value_loss, compute_gae,
                                     first_true_index, kl_shaped_rewards, masked_whiten)
 
@@ -114,10 +114,10 @@ def ppo_argv(sft_dir, reward_dir, chat_data, output_dir, *extra: str) -> list[st
             "--eval_max_samples", "12", *extra]
 
 
-def run_ppo(argv):
+def run_ppo(argv, callbacks=None):
     from recipes.rl import ppo
 
-    return ppo.main(*ppo.parse_args(argv))
+    return ppo.main(*ppo.parse_args(argv), callbacks=callbacks)
 
 
 def _trainer_logs(output_dir):
@@ -182,9 +182,11 @@ def test_resume_after_interruption_matches_the_uninterrupted_run(policy, tiny_sf
     assert json.loads((checkpoint / "ppo_state.json").read_text())["update"] == 2
     resumed.mkdir()
     shutil.copytree(checkpoint, resumed / "checkpoint-2")  # what an interrupted run leaves behind
+    trained = StepsTrained()
     metrics = run_ppo(ppo_argv(tiny_sft, tiny_reward, tiny_chat_data, resumed, *policy, *RESUMABLE, "--adaptive_kl",
-                               "true", "--target_kl", "0.01", "--kl_horizon", "16", "--resume_from_checkpoint", "true"))
-    assert metrics["updates"] == 4
+                               "true", "--target_kl", "0.01", "--kl_horizon", "16", "--resume_from_checkpoint", "true"),
+                      callbacks=[trained])
+    assert metrics["updates"] == 4 and trained.steps == [3, 4]  # it went on from the checkpoint
     logs_straight, logs_resumed = _trainer_logs(straight), _trainer_logs(resumed)
     assert [row["episode"] for row in logs_resumed] == [8, 16, 24, 32]  # the restored log goes on
     assert logs_straight[-1]["kl_coef"] != 0.05

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, StepsTrained
 from data_prep.artifacts import UserError
 from data_prep.chat_tasks import REFUSAL
 from recipes.rl import dpo, grpo, rloo
@@ -187,8 +187,8 @@ def dpo_argv(tiny_sft, tiny_reward, chat_data, output_dir, *extra):
             "--eval_max_new_tokens", "8", "--disable_tqdm", "true", *extra]
 
 
-def run(module, argv):
-    return module.main(*module.parse_args(argv))
+def run(module, argv, callbacks=None):
+    return module.main(*module.parse_args(argv), callbacks=callbacks)
 
 
 def check_output(out, metrics, stage, parent):
@@ -306,6 +306,52 @@ def test_lora_grpo_saves_an_adapter_that_reloads(tiny_sft, tiny_reward, tiny_cha
     assert lora_b and all(torch.count_nonzero(v) > 0 for v in lora_b.values())  # B starts at 0: it learned
     # the adapter moved the policy away from its reference, the SFT model (a sampled estimate: its sign may vary)
     assert metrics["after"]["kl_per_sequence"] != 0.0
+
+
+@pytest.mark.parametrize("method", ["grpo", "rloo", "dpo"])
+def test_resume_after_interruption_matches_the_uninterrupted_run(method, tiny_sft, tiny_reward, tiny_chat_data,
+                                                                  tmp_path):
+    """Stopped after checkpoint-2 of 4 and resumed from it, the run logs the same last steps and saves the same
+    weights as the run that went straight through (TRL's trainers restore the optimizer, schedule, random states
+    and data position; the recipe passes resume_from_checkpoint on)."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    module = {"grpo": grpo, "rloo": rloo, "dpo": dpo}[method]
+
+    def argv(out, *extra):
+        settings = ("--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2", "--eval_policy", "false",
+                    "--warmup_steps", "0", *extra)
+        if method == "dpo":
+            return dpo_argv(tiny_sft, tiny_reward, tiny_chat_data, out, *settings)
+        return online_argv(method, tiny_sft, tiny_reward, tiny_chat_data, out, *settings)
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run(module, argv(straight))
+    resumed.mkdir()
+    shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")  # what an interrupted run leaves behind
+    trained = StepsTrained()
+    metrics = run(module, argv(resumed, "--resume_from_checkpoint", "true"), callbacks=[trained])
+    assert metrics["steps"] == 4 and trained.steps == [3, 4]  # it went on from the checkpoint
+    assert json.loads((resumed / "manifest.json").read_text())["inputs"]["resumed_from"] == str(
+        resumed / "checkpoint-2")
+
+    def logged(out):
+        rows = json.loads((out / "trainer_state.json").read_text())["log_history"]
+        return [{k: v for k, v in row.items() if "time" not in k and "runtime" not in k and "per_second" not in k}
+                for row in rows if "loss" in row]
+
+    rows_straight, rows_resumed = logged(straight), logged(resumed)
+    assert [row["step"] for row in rows_resumed] == [1, 2, 3, 4]
+    for row_straight, row_resumed in zip(rows_straight, rows_resumed):
+        assert row_resumed.keys() == row_straight.keys()
+        for key, value in row_straight.items():
+            if method == "dpo" and key == "num_tokens":
+                continue  # TRL's DPOTrainer keeps this running count outside the checkpoint: it restarts at 0
+            assert row_resumed[key] == pytest.approx(value, rel=1e-5, abs=1e-7), (row_straight["step"], key)
+    weights_straight, weights_resumed = (load_file(out / "model.safetensors") for out in (straight, resumed))
+    assert all(torch.allclose(weights_resumed[k], weights_straight[k], atol=1e-6) for k in weights_straight)
 
 
 def test_dpo_recipe_trains_saves_and_reports(tiny_sft, tiny_reward, tiny_chat_data, tmp_path):

@@ -26,8 +26,8 @@ from dataclasses import asdict
 from trl import GRPOConfig, ModelConfig
 
 from data_prep.artifacts import UserError, parse_config, run_cli
-from recipes.common import (fused_head_on_labelled_positions_only, mark_incomplete, save_trained, training_summary,
-                            with_cpu_process_group)
+from recipes.common import (fused_head_on_labelled_positions_only, mark_incomplete, resolve_resume, save_trained,
+                            training_summary, with_cpu_process_group)
 from recipes.peft_methods import PeftMethodArguments, build_peft_config, trainable_parameters
 from recipes.rl.common import (PromptArguments, evaluate_saved_policy, finish_run, load_policy, load_reference_curves,
                               summary_line)
@@ -48,6 +48,7 @@ def main(script_args, training_args, model_args, peft_args, callbacks=None, meth
     from recipes.rl.rewards import build_reward_funcs
 
     started = time.time()
+    resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)  # checked before loading
     reference_curves = load_reference_curves(script_args.reference_curves)
     # ------------------------------------------------------------------ data
     data_inputs, train_prompts, test_prompts = load_prompts(
@@ -88,7 +89,7 @@ def main(script_args, training_args, model_args, peft_args, callbacks=None, meth
                   f"beta {training_args.beta}")
 
     # ------------------------------------------------------------------ train
-    train_result = trainer.train()
+    train_result = trainer.train(resume_from_checkpoint=resume)
 
     # ------------------------------------------------------------------ save
     staging, metrics = save_trained(trainer, train_result, trainable, total)  # every rank joins
@@ -105,7 +106,8 @@ def main(script_args, training_args, model_args, peft_args, callbacks=None, meth
             metrics["after"] = evaluate_saved_policy(str(staging), model_path, test_prompts, **kwargs)
             _log(trainer, method, summary_line(metrics["before"], metrics["after"]))
         metrics["wall_time_s"] = round(time.time() - started, 1)
-        inputs = {"model": model_path, "model_fingerprint": parent.get("fingerprint"), **data_inputs,
+        inputs = {"model": model_path, "model_fingerprint": parent.get("fingerprint"), "resumed_from": resume,
+                  **data_inputs,
                   "reward_model": script_args.reward_model_path,
                   "reward_model_fingerprint": getattr(reward_funcs[0], "manifest", {}).get("fingerprint")}
         options = {"peft": peft_config.to_dict() if peft_config else None, "peft_method": asdict(peft_args),
