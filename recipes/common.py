@@ -49,6 +49,36 @@ def resolve_resume(resume_from_checkpoint: str | None, output_dir: str) -> str |
     return resume_from_checkpoint
 
 
+TOKEN_COUNT_NAME = "num_tokens.json"
+
+
+def keep_token_count_across_resume(trainer, resume: str | None) -> None:
+    """TRL's SFT, reward and DPO trainers keep the running count of trained tokens (the logged `num_tokens`)
+    outside their checkpoints, so a resumed run would count from 0 again. Save the count into every
+    checkpoint and, on resume, start from the one saved there."""
+    import json
+
+    from transformers import TrainerCallback
+
+    class SaveTokenCount(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if state.is_world_process_zero and checkpoint.is_dir():
+                (checkpoint / TOKEN_COUNT_NAME).write_text(json.dumps({"num_tokens": trainer._total_train_tokens}))
+
+    trainer.add_callback(SaveTokenCount())
+    if resume is None:
+        return
+    saved = Path(resume) / TOKEN_COUNT_NAME
+    if saved.is_file():
+        trainer._total_train_tokens = json.loads(saved.read_text())["num_tokens"]
+    else:  # a checkpoint from elsewhere: its log holds the count as of its last logged step
+        state = Path(resume) / "trainer_state.json"
+        rows = json.loads(state.read_text()).get("log_history", []) if state.is_file() else []
+        counts = [row["num_tokens"] for row in rows if "num_tokens" in row]
+        trainer._total_train_tokens = counts[-1] if counts else 0
+
+
 def mark_incomplete(output_dir: str | Path) -> None:
     """Remove an old manifest first, so a run that dies midway is never taken as finished."""
     (Path(output_dir) / MANIFEST_NAME).unlink(missing_ok=True)

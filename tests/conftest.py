@@ -30,6 +30,45 @@ class StepsTrained(TrainerCallback):
         self.steps.append(state.global_step)
 
 
+def run_interrupted_and_resumed(run, argv, tmp_path, drop_from_checkpoint=()):
+    """Run 4 steps straight; copy its checkpoint-2 (less the `drop_from_checkpoint` files) into a fresh output_dir,
+    which is what an interrupted run leaves, and resume there. The resumed run must take only steps 3 and 4, log
+    the same figures (but wall times) and save the same weights. `run(argv, callbacks)` runs the recipe;
+    `argv(out, *extra)` gives its arguments for 4 steps with a checkpoint every 2."""
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run(argv(straight), None)
+    resumed.mkdir()
+    shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
+    for name in drop_from_checkpoint:
+        (resumed / "checkpoint-2" / name).unlink()
+    trained = StepsTrained()
+    run(argv(resumed, "--resume_from_checkpoint", "true"), [trained])
+    assert trained.steps == [3, 4]  # it went on from the checkpoint
+    assert json.loads((resumed / "manifest.json").read_text())["inputs"]["resumed_from"] == str(
+        resumed / "checkpoint-2")
+
+    def logged(out):
+        rows = json.loads((out / "trainer_state.json").read_text())["log_history"]
+        return [{k: v for k, v in row.items() if not any(t in k for t in ("time", "runtime", "per_second"))}
+                for row in rows if "loss" in row]
+
+    rows_straight, rows_resumed = logged(straight), logged(resumed)
+    assert [row["step"] for row in rows_resumed] == [1, 2, 3, 4]
+    for row_straight, row_resumed in zip(rows_straight, rows_resumed):
+        assert row_resumed.keys() == row_straight.keys()
+        for key, value in row_straight.items():
+            assert row_resumed[key] == pytest.approx(value, rel=1e-5, abs=1e-7), (row_straight["step"], key)
+    weights_straight, weights_resumed = (load_file(out / "model.safetensors") for out in (straight, resumed))
+    assert weights_resumed.keys() == weights_straight.keys()
+    assert all(torch.allclose(weights_resumed[k], weights_straight[k], atol=1e-6) for k in weights_straight)
+
+
 # Model shape for fast tests: 2 layers, hidden 32. The recipe YAML stays the source of every
 # other setting; tests only override what makes the run small.
 TINY_MODEL_OVERRIDES = [

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, run_interrupted_and_resumed
 from data_prep.artifacts import UserError
 from recipes.eval.reward_scores import pairwise_accuracy, score_conversations
 from recipes.reward import reward
@@ -58,6 +58,16 @@ def test_reward_model_trains_scores_pairs_and_reloads(tiny_pretrained, tiny_chat
     assert again["accuracy"] == pytest.approx(metrics["pairwise_after"]["accuracy"])
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["stage"] == "reward" and manifest["inputs"]["model"] == str(tiny_pretrained)
+
+
+def test_resume_after_interruption_matches_the_uninterrupted_run(tiny_pretrained, tiny_chat_data, tmp_path):
+    """The fresh score head is saved in checkpoint-2 with the backbone, so the resumed run does not draw a new
+    one; RewardTrainer restores the rest and the recipe passes resume_from_checkpoint on."""
+    def argv(out, *extra):
+        return reward_argv(tiny_pretrained, tiny_chat_data["preference"], out, "tiny.yaml", "--save_strategy",
+                           "steps", "--save_steps", "2", *extra)
+
+    run_interrupted_and_resumed(run_reward, argv, tmp_path)
 
 
 def test_group_by_length_batches_pairs_of_similar_length(tiny_pretrained, tiny_chat_data, tmp_path):

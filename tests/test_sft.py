@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, run_interrupted_and_resumed
 from data_prep.artifacts import UserError
 from recipes.sft import sft
 
@@ -121,6 +121,22 @@ def test_full_sft_runs_and_saves_a_reloadable_chat_model(tiny_pretrained, tiny_c
     for i in range(model.config.num_hidden_layers):
         assert {f"model.layers.{i}.self_attn.q_proj.weight", f"model.layers.{i}.mlp.down_proj.weight"} <= changed, i
     assert "model.embed_tokens.weight" in changed
+
+
+@pytest.mark.parametrize("saved_count", [True, False], ids=["num_tokens_saved", "checkpoint_from_elsewhere"])
+def test_resume_after_interruption_matches_the_uninterrupted_run(saved_count, tiny_pretrained, tiny_chat_data,
+                                                                  tmp_path):
+    """SFTTrainer restores the optimizer, schedule, random states and data position; the recipe passes
+    resume_from_checkpoint on, records it in the manifest and carries the trained-token count over (from the
+    checkpoint, or else from its log)."""
+    from recipes.common import TOKEN_COUNT_NAME
+
+    def argv(out, *extra):
+        return sft_argv(tiny_pretrained, tiny_chat_data["sft"], out, "tiny.yaml", "--max_steps", "4",
+                        "--save_strategy", "steps", "--save_steps", "2", *extra)
+
+    dropped = () if saved_count else (TOKEN_COUNT_NAME,)
+    run_interrupted_and_resumed(run_sft, argv, tmp_path, drop_from_checkpoint=dropped)
 
 
 @pytest.mark.parametrize("config", ["tiny_lora.yaml", "tiny_bottleneck.yaml"])

@@ -26,8 +26,9 @@ from dataclasses import asdict, dataclass, field
 from trl import DPOConfig, ModelConfig
 
 from data_prep.artifacts import UserError, parse_config, run_cli
-from recipes.common import (check_special_tokens, fused_head_on_labelled_positions_only, load_splits,
-                            mark_incomplete, resolve_resume, save_trained, training_summary, with_cpu_process_group)
+from recipes.common import (check_special_tokens, fused_head_on_labelled_positions_only, keep_token_count_across_resume,
+                            load_splits, mark_incomplete, resolve_resume, save_trained, training_summary,
+                            with_cpu_process_group)
 from recipes.peft_methods import PeftMethodArguments, build_peft_config, trainable_parameters
 from recipes.rl.common import (ReferenceCurveArguments, check_batch_size, evaluate_saved_policy, finish_run,
                               load_policy, load_reference_curves, summary_line)
@@ -101,6 +102,7 @@ def main(script_args, training_args, model_args, peft_args, callbacks=None) -> d
 
     # ------------------------------------------------------------------ train
     resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
+    keep_token_count_across_resume(trainer, resume)
     train_result = trainer.train(resume_from_checkpoint=resume)
 
     # ------------------------------------------------------------------ save

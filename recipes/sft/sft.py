@@ -27,9 +27,9 @@ from pathlib import Path
 from trl import ModelConfig, SFTConfig
 
 from data_prep.artifacts import UserError, build_manifest, parse_config, run_cli, write_manifest
-from recipes.common import (check_special_tokens, fused_head_on_labelled_positions_only, load_pretrained, load_splits,
-                            mark_incomplete, model_card, no_zero3_init, publish, resolve_resume, save_trained,
-                            training_summary, with_cpu_process_group)
+from recipes.common import (check_special_tokens, fused_head_on_labelled_positions_only, keep_token_count_across_resume,
+                            load_pretrained, load_splits, mark_incomplete, model_card, no_zero3_init, publish,
+                            resolve_resume, save_trained, training_summary, with_cpu_process_group)
 from recipes.peft_methods import (PeftMethodArguments, build_peft_config, quantization_config, refuse_broken_combination,
                                   trainable_parameters)
 
@@ -94,6 +94,7 @@ def main(script_args, training_args, model_args, peft_args, callbacks=None) -> d
 
     # ------------------------------------------------------------------ train
     resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
+    keep_token_count_across_resume(trainer, resume)
     train_result = trainer.train(resume_from_checkpoint=resume)
 
     # ------------------------------------------------------------------ save
