@@ -61,8 +61,8 @@ def test_reward_model_trains_scores_pairs_and_reloads(tiny_pretrained, tiny_chat
 
 
 def test_resume_after_interruption_matches_the_uninterrupted_run(tiny_pretrained, tiny_chat_data, tmp_path):
-    """The fresh score head is saved in checkpoint-2 with the backbone, so the resumed run does not draw a new
-    one; RewardTrainer restores the rest and the recipe passes resume_from_checkpoint on."""
+    """The score head, drawn fresh before step 1, comes back from checkpoint-2 with the backbone; RewardTrainer
+    restores the rest, and the recipe passes resume_from_checkpoint on and carries the token count over."""
     def argv(out, *extra):
         return reward_argv(tiny_pretrained, tiny_chat_data["preference"], out, "tiny.yaml", "--save_strategy",
                            "steps", "--save_steps", "2", *extra)
