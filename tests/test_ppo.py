@@ -150,6 +150,14 @@ def test_ppo_recipe_trains_saves_and_reports(tiny_sft, tiny_reward, tiny_chat_da
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_max_steps_sets_the_number_of_updates(tiny_sft, tiny_reward, tiny_chat_data, tmp_path):
+    """As in Trainer, a positive max_steps overrides the episode count: here 3 updates of 8 rollouts, not 16/8."""
+    metrics = run_ppo(ppo_argv(tiny_sft, tiny_reward, tiny_chat_data, tmp_path / "run", "--max_steps", "3",
+                               "--dataset_test_split", "none"))
+    assert metrics["updates"] == 3
+    assert [row["episode"] for row in _trainer_logs(tmp_path / "run")] == [8, 16, 24]
+
+
 def test_zero_learning_rate_keeps_the_ratio_at_one(tiny_sft, tiny_reward, tiny_chat_data, tmp_path):
     """Rollout log-probabilities and the training forward agree: with no update the ratio is exactly 1."""
     run_ppo(ppo_argv(tiny_sft, tiny_reward, tiny_chat_data, tmp_path / "lr0", "--learning_rate", "0",

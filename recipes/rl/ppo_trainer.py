@@ -45,7 +45,8 @@ class PPOConfig(TrainingArguments):
     batch of one update, on each process."""
 
     total_episodes: int | None = field(default=None, metadata={
-        "help": "Prompts to roll out in all (default: num_train_epochs passes over the prompt set)."})
+        "help": "Prompts to roll out in all (default: num_train_epochs passes over the prompt set); a positive "
+                "max_steps overrides both and sets the number of PPO updates."})
     num_ppo_epochs: int = field(default=4, metadata={"help": "Passes over each rollout batch."})
     num_mini_batches: int = field(default=1, metadata={"help": "Minibatches (optimizer steps) per PPO epoch."})
     local_rollout_forward_batch_size: int = field(default=64, metadata={
@@ -308,7 +309,8 @@ class PPOTrainer(Trainer):
         self.mini_batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps
         self.rollout_batch_size = self.mini_batch_size * args.num_mini_batches  # per process
         episodes = args.total_episodes or int(args.num_train_epochs * len(train_dataset))
-        self.num_updates = max(1, math.ceil(episodes / (self.rollout_batch_size * self.world_size)))
+        self.num_updates = (args.max_steps if args.max_steps > 0 else  # a Trainer step is one PPO update here
+                            max(1, math.ceil(episodes / (self.rollout_batch_size * self.world_size))))
         if len(train_dataset) < self.rollout_batch_size * self.world_size:
             raise UserError(f"PPO: {len(train_dataset)} prompts is fewer than one rollout batch "
                             f"({self.rollout_batch_size} x {self.world_size} processes)")
