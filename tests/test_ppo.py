@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT, StepsTrained
+from data_prep.artifacts import UserError
 from recipes.rl.ppo_trainer import (AdaptiveKLController, PPOTrainer, clipped_policy_loss, clipped_value_loss, compute_gae,
                                     first_true_index, kl_shaped_rewards, masked_whiten)
 
@@ -158,6 +159,12 @@ def test_max_steps_sets_the_number_of_updates(tiny_sft, tiny_reward, tiny_chat_d
     assert [row["episode"] for row in _trainer_logs(tmp_path / "run")] == [8, 16, 24]
 
 
+def test_periodic_evaluation_is_refused_not_ignored(tiny_sft, tiny_reward, tiny_chat_data, tmp_path):
+    with pytest.raises(UserError, match=r'^eval_strategy: PPO evaluates .* \(got "steps"\)$'):
+        run_ppo(ppo_argv(tiny_sft, tiny_reward, tiny_chat_data, tmp_path / "run", "--eval_strategy", "steps",
+                         "--eval_steps", "1"))
+
+
 def test_zero_learning_rate_keeps_the_ratio_at_one(tiny_sft, tiny_reward, tiny_chat_data, tmp_path):
     """Rollout log-probabilities and the training forward agree: with no update the ratio is exactly 1."""
     run_ppo(ppo_argv(tiny_sft, tiny_reward, tiny_chat_data, tmp_path / "lr0", "--learning_rate", "0",
@@ -211,7 +218,6 @@ def test_resume_after_interruption_matches_the_uninterrupted_run(policy, tiny_sf
 def test_bad_checkpoints_stop_with_one_line(tiny_sft, tiny_reward, tiny_chat_data, tmp_path):
     import shutil
 
-    from data_prep.artifacts import UserError
 
     run_ppo(ppo_argv(tiny_sft, tiny_reward, tiny_chat_data, tmp_path / "run", *RESUMABLE, "--total_episodes", "16"))
     checkpoint = tmp_path / "run" / "checkpoint-2"
@@ -366,7 +372,6 @@ def test_lora_policy_uses_the_disabled_adapter_as_reference(tiny_sft, tiny_rewar
 
 
 def test_bad_inputs_stop_with_one_line(tiny_sft, tiny_reward, tiny_chat_data, tmp_path):
-    from data_prep.artifacts import UserError
 
     with pytest.raises(UserError, match="model directory not found"):
         run_ppo(ppo_argv(tiny_sft, tmp_path / "no_such_rm", tiny_chat_data, tmp_path / "a"))
@@ -385,7 +390,6 @@ def test_bad_inputs_stop_with_one_line(tiny_sft, tiny_reward, tiny_chat_data, tm
 
 def test_non_finite_rewards_stop_the_run_and_long_prompts_are_truncated(tiny_sft, tiny_reward, tiny_chat_data,
                                                                         tmp_path, monkeypatch):
-    from data_prep.artifacts import UserError
     from recipes.rl import rewards
 
     metrics = run_ppo(ppo_argv(tiny_sft, tiny_reward, tiny_chat_data, tmp_path / "short", "--max_prompt_tokens", "24",

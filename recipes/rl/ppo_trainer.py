@@ -276,6 +276,9 @@ class PPOTrainer(Trainer):
     def __init__(self, args: PPOConfig, processing_class, model, ref_model, value_model, reward_funcs: list[Callable],
                  train_dataset, callbacks=None):
         check_batch_size("local_rollout_forward_batch_size", args.local_rollout_forward_batch_size)
+        if args.eval_strategy != "no":  # the PPO loop has no periodic evaluation; never ignore the setting silently
+            raise UserError(f"eval_strategy: PPO evaluates the held-out prompts before and after training only; "
+                            f"set it to \"no\" (got \"{args.eval_strategy.value}\")")
         self.reward_funcs = list(reward_funcs)
         weights = args.reward_weights or [1.0] * len(self.reward_funcs)
         if not self.reward_funcs or len(weights) != len(self.reward_funcs):
