@@ -106,9 +106,14 @@ def parse_config(dataclass_types: list[type], args: list[str] | None = None) -> 
     # TrlParser's parse_args_and_config would read the YAML again, without the checks above.
     parser.set_defaults_with_config(**config)
     try:
-        return parser.parse_args_into_dataclasses(args=args)
+        parsed = parser.parse_args_into_dataclasses(args=args)
     except ValueError as err:
         raise UserError(f"{config_path or 'command line'}: {str(err).splitlines()[0]}") from None
+    if any(getattr(obj, "hub_token", None) for obj in parsed):  # never echo it
+        raise UserError(f"{config_path or 'command line'}: hub_token: give the Hub token through HF_TOKEN or "
+                        "`hf auth login`, not as a setting (Trainer pickles its settings, the token with them, "
+                        "into training_args.bin of every checkpoint and output, and the Hub push uploads that)")
+    return parsed
 
 
 class _WrongType(Exception):

@@ -84,8 +84,10 @@ def mark_incomplete(output_dir: str | Path) -> None:
     (Path(output_dir) / MANIFEST_NAME).unlink(missing_ok=True)
 
 
-def publish(staging_dir: str | Path, output_dir: str | Path) -> None:
-    """Move a finished staging directory's files into output_dir, the manifest last."""
+def publish(staging_dir: str | Path, output_dir: str | Path, trainer=None) -> None:
+    """Move a finished staging directory's files into output_dir, the manifest last. With a `trainer` whose
+    args say `push_to_hub`, then upload the finished output_dir (model, tokenizer, our model card, metrics and
+    manifest; no checkpoints) to the Hub repo that the Trainer created at start."""
     staging_dir, output_dir = Path(staging_dir), Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     entries = sorted(staging_dir.iterdir(), key=lambda p: p.name == MANIFEST_NAME)
@@ -95,6 +97,22 @@ def publish(staging_dir: str | Path, output_dir: str | Path) -> None:
             shutil.rmtree(target)
         os.replace(entry, target)
     staging_dir.rmdir()
+    if trainer is not None and trainer.args.push_to_hub:
+        _push_output_dir(trainer, output_dir)
+
+
+def _push_output_dir(trainer, output_dir: Path) -> None:
+    from huggingface_hub import HfApi
+
+    trainer._finish_current_push()  # a checkpoint push still in flight must not land after the final files
+    try:
+        HfApi().upload_folder(  # the token comes from HF_TOKEN or `hf auth login` (parse_config refuses hub_token)
+            repo_id=trainer.hub_model_id, folder_path=str(output_dir), revision=trainer.args.hub_revision,
+            commit_message=f"{output_dir.name}: final model", ignore_patterns=["checkpoint-*", ".*", "_*"])
+    except Exception as error:  # the run itself is complete on disk; say so, in one line without the token
+        raise UserError(f"push_to_hub: {output_dir} is complete, but the upload to {trainer.hub_model_id} failed "
+                        f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
+                        f"upload it with `hf upload {trainer.hub_model_id} {output_dir}`") from None
 
 
 def save_trained(trainer, train_result, trainable: int, total: int) -> tuple[Path, dict]:
@@ -102,7 +120,7 @@ def save_trained(trainer, train_result, trainable: int, total: int) -> tuple[Pat
     directory with the run's standard metrics. Every rank must call this: ZeRO-3 gathers the full
     weights here. The caller adds its files to the staging directory and then publishes it."""
     staging = Path(trainer.args.output_dir) / ".final-tmp"
-    trainer.save_model(str(staging))
+    trainer.save_model(str(staging), _internal_call=True)  # no push of the unfinished output_dir: publish() pushes
     if trainer.is_world_process_zero():
         trainer.processing_class.save_pretrained(str(staging))
     metrics = {"train_loss": train_result.training_loss, "steps": trainer.state.global_step,

@@ -30,6 +30,58 @@ class StepsTrained(TrainerCallback):
         self.steps.append(state.global_step)
 
 
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """Stands in for the Hub API that Trainer (repo creation, checkpoint pushes) and our publish() call. Each
+    upload is recorded with the files and the model card that its folder held at that moment."""
+    from concurrent.futures import Future
+    from types import SimpleNamespace
+
+    import huggingface_hub
+    import transformers.trainer
+
+    class FakeHub:
+        created, uploads = [], []
+
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def create_repo(self, repo_id, **kwargs):
+            FakeHub.created.append(repo_id)
+            return SimpleNamespace(repo_id=repo_id)
+
+        def upload_folder(self, *, folder_path, **kwargs):
+            folder = Path(folder_path)
+            card = folder / "README.md"
+            FakeHub.uploads.append({**kwargs, "folder_path": folder_path, "card": card.read_text() if card.is_file()
+                                    else None, "files": sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
+                                                               if p.is_file())})
+            if kwargs.get("run_as_future"):  # Trainer's checkpoint pushes wait on a Future
+                done = Future()
+                done.set_result(None)
+                return done
+
+    FakeHub.created, FakeHub.uploads = [], []
+    monkeypatch.setattr(transformers.trainer, "hf_api", FakeHub)
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHub)
+    return FakeHub
+
+
+def pushed_when_finished(hub, output_dir, repo_id, card_title, checkpoint_pushes=0):
+    """A run's uploads: Trainer's `checkpoint_pushes` during training, then one of the finished output_dir
+    (manifest and our model card in it) to `repo_id`; nothing from the unfinished output_dir."""
+    assert hub.created == [repo_id]
+    messages = [u["commit_message"] for u in hub.uploads]
+    assert len(messages) == checkpoint_pushes + 1, messages
+    assert all(m.startswith("Training in progress") for m in messages[:-1]), messages
+    upload = hub.uploads[-1]
+    assert upload["repo_id"] == repo_id and upload["folder_path"] == str(output_dir)
+    assert {"manifest.json", "metrics.json", "model.safetensors", "README.md"} <= set(upload["files"])
+    assert card_title in upload["card"]  # ours, not Trainer's generated card
+    assert not any(f.startswith(".final-tmp") for f in upload["files"])
+    assert "checkpoint-*" in upload["ignore_patterns"]
+
+
 def run_interrupted_and_resumed(run, argv, tmp_path, drop_from_checkpoint=()):
     """Run 4 steps straight; copy its checkpoint-2 (less the `drop_from_checkpoint` files) into a fresh output_dir,
     which is what an interrupted run leaves, and resume there. The resumed run must take only steps 3 and 4, log

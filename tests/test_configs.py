@@ -70,6 +70,23 @@ def test_key_from_another_model_family_is_refused():
         pretrain.build_config(arch_args, FakeTokenizer())
 
 
+@pytest.mark.parametrize("where", ["yaml", "command line"])
+def test_hub_token_as_a_setting_is_refused_without_echoing_it(where, tmp_path):
+    from data_prep.artifacts import UserError
+
+    config = tmp_path / "with_token.yaml"
+    text = (REPO_ROOT / "recipes/pretrain/tiny.yaml").read_text()
+    extra = []
+    if where == "yaml":
+        text += "\nhub_token: hf_secret_value\n"
+    else:
+        extra = ["--hub_token", "hf_secret_value"]
+    config.write_text(text)
+    with pytest.raises(UserError, match=r"hub_token: give the Hub token through HF_TOKEN") as refused:
+        pretrain.parse_args(["--config", str(config), *extra])
+    assert "hf_secret_value" not in str(refused.value)
+
+
 SFT_YAMLS = sorted((REPO_ROOT / "recipes/sft").glob("*.yaml"))
 REWARD_YAMLS = sorted((REPO_ROOT / "recipes/reward").glob("*.yaml"))
 

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from conftest import REPO_ROOT, StepsTrained
+from conftest import REPO_ROOT, StepsTrained, pushed_when_finished
 from data_prep.artifacts import UserError
 from recipes.rl.ppo_trainer import (AdaptiveKLController, PPOTrainer, clipped_policy_loss, clipped_value_loss, compute_gae,
                                     first_true_index, kl_shaped_rewards, masked_whiten)
@@ -163,6 +163,15 @@ def test_periodic_evaluation_is_refused_not_ignored(tiny_sft, tiny_reward, tiny_
     with pytest.raises(UserError, match=r'^eval_strategy: PPO evaluates .* \(got "steps"\)$'):
         run_ppo(ppo_argv(tiny_sft, tiny_reward, tiny_chat_data, tmp_path / "run", "--eval_strategy", "steps",
                          "--eval_steps", "1"))
+
+
+def test_push_to_hub_uploads_the_finished_policy_only(fake_hub, tiny_sft, tiny_reward, tiny_chat_data, tmp_path):
+    """A PPO checkpoint (policy and critic in one file) is not pushed; the finished policy is."""
+    out = tmp_path / "pushed"
+    run_ppo(ppo_argv(tiny_sft, tiny_reward, tiny_chat_data, out, "--save_strategy", "steps", "--save_steps", "1",
+                     "--push_to_hub", "true", "--hub_model_id", "me/ppo-tiny", "--dataset_test_split", "none"))
+    assert (out / "checkpoint-2").is_dir()
+    pushed_when_finished(fake_hub, out, "me/ppo-tiny", "PPO policy")
 
 
 def test_zero_learning_rate_keeps_the_ratio_at_one(tiny_sft, tiny_reward, tiny_chat_data, tmp_path):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-from conftest import REPO_ROOT, pretrain_argv
+from conftest import REPO_ROOT, pretrain_argv, pushed_when_finished
 from data_prep.artifacts import UserError
 from recipes.pretrain import pretrain
 
@@ -62,6 +62,15 @@ def test_few_steps_save_reloadable_model_with_card(tiny_data, tmp_path):
     with torch.inference_mode():
         loss = model(input_ids=batch, labels=batch).loss
     assert math.isfinite(loss.item())
+
+
+def test_push_to_hub_uploads_checkpoints_then_the_finished_output_dir(fake_hub, tiny_data, tmp_path):
+    """Trainer's push of each checkpoint (hub_strategy every_save) stays; the final upload is the published
+    output_dir, after its manifest is written."""
+    out = tmp_path / "pushed"
+    run_pretrain(pretrain_argv(tiny_data, out, "--max_steps", "4", "--save_steps", "2", "--push_to_hub", "true",
+                               "--hub_model_id", "me/tiny-llama", "--eval_on_start", "false"))
+    pushed_when_finished(fake_hub, out, "me/tiny-llama", "pretrained from scratch", checkpoint_pushes=2)
 
 
 def _first_blocks(tiny_data, n):

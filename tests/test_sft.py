@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-from conftest import REPO_ROOT, run_interrupted_and_resumed
+from conftest import REPO_ROOT, pushed_when_finished, run_interrupted_and_resumed
 from data_prep.artifacts import UserError
 from recipes.sft import sft
 
@@ -121,6 +121,26 @@ def test_full_sft_runs_and_saves_a_reloadable_chat_model(tiny_pretrained, tiny_c
     for i in range(model.config.num_hidden_layers):
         assert {f"model.layers.{i}.self_attn.q_proj.weight", f"model.layers.{i}.mlp.down_proj.weight"} <= changed, i
     assert "model.embed_tokens.weight" in changed
+
+
+def test_push_to_hub_uploads_the_finished_output_dir(fake_hub, tiny_pretrained, tiny_chat_data, tmp_path):
+    out = tmp_path / "pushed"
+    run_sft(sft_argv(tiny_pretrained, tiny_chat_data["sft"], out, "tiny.yaml", "--push_to_hub", "true",
+                     "--hub_model_id", "me/sft-tiny", "--eval_exact_match", "false"))
+    pushed_when_finished(fake_hub, out, "me/sft-tiny", "Chat model fine-tuned with SFT")
+
+
+def test_failed_upload_is_one_line_and_leaves_the_run_complete(fake_hub, tiny_pretrained, tiny_chat_data, tmp_path):
+    def refuse(self, **kwargs):
+        raise OSError("401 Client Error: Unauthorized for url: https://huggingface.co/api/repos/me/sft-tiny\nmore")
+
+    fake_hub.upload_folder = refuse
+    out = tmp_path / "pushed"
+    with pytest.raises(UserError, match=r"^push_to_hub: .*pushed is complete, but the upload to me/sft-tiny failed "
+                                        r"\(OSError: 401 Client Error: .*\); upload it with `hf upload me/sft-tiny "):
+        run_sft(sft_argv(tiny_pretrained, tiny_chat_data["sft"], out, "tiny.yaml", "--push_to_hub", "true",
+                         "--hub_model_id", "me/sft-tiny", "--eval_exact_match", "false"))
+    assert (out / "manifest.json").is_file()  # the local run finished and stays usable
 
 
 @pytest.mark.parametrize("saved_count", [True, False], ids=["num_tokens_saved", "checkpoint_from_elsewhere"])

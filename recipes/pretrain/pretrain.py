@@ -177,7 +177,8 @@ def main(script_args, training_args, arch_args, callbacks=None) -> dict:
 
     # ------------------------------------------------------------------ save
     staging = Path(training_args.output_dir) / ".final-tmp"
-    trainer.save_model(str(staging))  # every rank joins: ZeRO-3 gathers the full weights here
+    # Every rank joins: ZeRO-3 gathers the full weights here. _internal_call: no push yet; publish() pushes.
+    trainer.save_model(str(staging), _internal_call=True)
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(str(staging))
         (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -188,7 +189,7 @@ def main(script_args, training_args, arch_args, callbacks=None) -> dict:
                    "training": {**_training_summary(training_args), **_optimizer_summary(script_args, training_args)}}
         (staging / "README.md").write_text(_card(inputs, options, metrics, data_manifest))
         write_manifest(staging, build_manifest("pretrain", inputs, options, metrics))
-        publish(staging, training_args.output_dir)
+        publish(staging, training_args.output_dir, trainer)
     trainer.accelerator.wait_for_everyone()
     return metrics
 

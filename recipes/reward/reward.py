@@ -112,7 +112,7 @@ def main(script_args, training_args, model_args, peft_args, callbacks=None) -> d
                    "training": training_summary(training_args, ("center_rewards_coefficient",))}
         (staging / "README.md").write_text(_card(inputs, options, metrics))
         write_manifest(staging, build_manifest("reward", inputs, options, _headline(metrics)))
-        publish(staging, training_args.output_dir)
+        publish(staging, training_args.output_dir, trainer)
     trainer.accelerator.wait_for_everyone()
     return metrics
 

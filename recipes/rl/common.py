@@ -281,4 +281,4 @@ def finish_run(trainer, staging: Path, stage: str, inputs: dict, options: dict, 
                       tags=[stage, "trl", "rlhf"])
     (staging / "README.md").write_text(card)
     write_manifest(staging, build_manifest(stage, inputs, options, headline(metrics)))
-    publish(staging, trainer.args.output_dir)
+    publish(staging, trainer.args.output_dir, trainer)

@@ -520,6 +520,10 @@ class PPOTrainer(Trainer):
         steps = self.args.save_steps
         return max(1, math.ceil(self.num_updates * steps) if steps < 1 else int(steps))
 
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """No push per checkpoint: it holds policy and critic in one file, not a model that loads from the Hub.
+        With push_to_hub the recipe uploads the finished policy once, at the end (recipes.common.publish)."""
+
     def _save_ppo_checkpoint(self, model) -> None:
         """`checkpoint-N`: the Trainer's checkpoint (weights of policy and critic, optimizer, schedule, random
         states, trainer_state.json, rotation by save_total_limit) plus ppo_state.json, written last: a directory
