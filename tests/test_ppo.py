@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from transformers import TrainerCallback
 
 from conftest import REPO_ROOT, StepsTrained, pushed_when_finished
 from data_prep.artifacts import UserError
@@ -183,13 +184,48 @@ def test_zero_learning_rate_keeps_the_ratio_at_one(tiny_sft, tiny_reward, tiny_c
         assert row["approxkl"] == pytest.approx(0.0, abs=1e-8)
 
 
+class CheckpointingDuringSteps(TrainerCallback):
+    """Whether the policy and the critic recompute activations while PPO takes its optimizer steps."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.seen.append((model.policy.is_activation_checkpointing, model.value_model.is_activation_checkpointing))
+
+
+LORA_POLICY = ("--use_peft", "true", "--lora_r", "4", "--lora_alpha", "8", "--lora_target_modules", "q_proj",
+               "v_proj")
+
+
+@pytest.mark.parametrize("policy", [pytest.param((), id="full"), pytest.param(LORA_POLICY, id="lora")])
+def test_activation_checkpointing_is_applied_and_changes_no_figure(policy, tiny_sft, tiny_reward, tiny_chat_data,
+                                                                    tmp_path):
+    """PPO's own train() must switch on what Trainer.train() would (the 360M preset asks for it), for both
+    networks, and back on after each generate(); recomputing activations must not change a logged figure."""
+    from safetensors.torch import load_file
+
+    seen = CheckpointingDuringSteps()
+    common = (*policy, "--total_episodes", "16", "--dataset_test_split", "none")
+    run_ppo(ppo_argv(tiny_sft, tiny_reward, tiny_chat_data, tmp_path / "plain", *common))
+    run_ppo(ppo_argv(tiny_sft, tiny_reward, tiny_chat_data, tmp_path / "recompute", *common,
+                     "--activation_checkpointing", "true"), callbacks=[seen])
+    assert seen.seen == [(True, True)] * 2  # both updates, after each rollout's generate()
+    plain, recompute = _trainer_logs(tmp_path / "plain"), _trainer_logs(tmp_path / "recompute")
+    for row_plain, row_recompute in zip(plain, recompute, strict=True):
+        for key, value in row_plain.items():
+            if not key.startswith("time/") and key != "elapsed_s":  # wall times
+                assert row_recompute[key] == pytest.approx(value, rel=1e-4, abs=1e-6), (row_plain["step"], key)
+    weights = "adapter_model.safetensors" if policy else "model.safetensors"
+    saved_plain, saved_recompute = (load_file(tmp_path / run / weights) for run in ("plain", "recompute"))
+    assert all(torch.allclose(saved_plain[k], saved_recompute[k], atol=1e-6) for k in saved_plain)
+
+
 RESUMABLE = ("--total_episodes", "32", "--save_strategy", "steps", "--save_steps", "2", "--learning_rate", "1e-3",
              "--dataset_test_split", "none")  # 4 updates of 8 rollouts, a checkpoint after updates 2 and 4
 
 
-@pytest.mark.parametrize("policy", [pytest.param((), id="full"), pytest.param(
-    ("--use_peft", "true", "--lora_r", "4", "--lora_alpha", "8", "--lora_target_modules", "q_proj", "v_proj"),
-    id="lora")])
+@pytest.mark.parametrize("policy", [pytest.param((), id="full"), pytest.param(LORA_POLICY, id="lora")])
 def test_resume_after_interruption_matches_the_uninterrupted_run(policy, tiny_sft, tiny_reward, tiny_chat_data,
                                                                  tmp_path):
     """A run stopped after checkpoint-2 and resumed from it rolls out the same replies and ends with the same

@@ -198,15 +198,31 @@ class PolicyAndValueWrapper(nn.Module):
     def critic_backbone(self):
         return getattr(self.value_model, self.value_model.base_model_prefix)
 
-    @property
-    def is_gradient_checkpointing(self) -> bool:
-        return getattr(self.policy, "is_gradient_checkpointing", False)
+    # Activation checkpointing covers both networks. TRL's unwrap_model_for_generation turns it off around
+    # generate() and back on through the older names, without the settings: those are kept here.
+    _checkpointing: dict | None = None
 
-    def gradient_checkpointing_disable(self):
-        self.policy.gradient_checkpointing_disable()
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        return self.policy.is_activation_checkpointing
+
+    is_gradient_checkpointing = is_activation_checkpointing
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, every_n_layers: int = 1,
+                                        offload: bool = False):
+        self._checkpointing = {"activation_checkpointing_kwargs": activation_checkpointing_kwargs,
+                               "every_n_layers": every_n_layers, "offload": offload}
+        for network in (self.policy, self.value_model):
+            network.activation_checkpointing_enable(**self._checkpointing)
+
+    def activation_checkpointing_disable(self):
+        for network in (self.policy, self.value_model):
+            network.activation_checkpointing_disable()
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
-        self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+        self.activation_checkpointing_enable(**(self._checkpointing or {}))
+
+    gradient_checkpointing_disable = activation_checkpointing_disable
 
     def forward(self, input_ids, attention_mask, position_ids, response_length: int):
         """(policy logits, critic values) at the positions that predict the last `response_length` tokens.
@@ -456,6 +472,10 @@ class PPOTrainer(Trainer):
             ppo_state = self._read_checkpoint(checkpoint)
             if not (self.is_deepspeed_enabled or self.is_fsdp_enabled):  # those engines load it in _prepare_for_training
                 self._load_policy_and_critic(checkpoint)
+        if args.activation_checkpointing:  # Trainer.train() would switch it on; this loop replaces that train()
+            settings = dict(args.activation_checkpointing_kwargs or {})
+            every_n_layers, offload = settings.pop("every_n_layers", 1), settings.pop("offload", False)
+            self.model.activation_checkpointing_enable(settings or None, every_n_layers, offload)
         self.state.max_steps = self.num_updates
         self.state.logging_steps = args.logging_steps
         model, _ = self._prepare_for_training(self.num_updates, None, checkpoint or None)
