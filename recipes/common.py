@@ -33,20 +33,50 @@ def with_cpu_process_group(argv: list[str] | None) -> list[str]:
     return argv
 
 
-def resolve_resume(resume_from_checkpoint: str | None, output_dir: str) -> str | None:
-    """`true`/`last` means the newest checkpoint in output_dir; anything else is a path."""
-    from transformers.trainer_utils import get_last_checkpoint
+def resolve_resume(resume_from_checkpoint: str | None, output_dir: str,
+                   written_last: str = "trainer_state.json") -> str | None:
+    """`true`/`last` means the newest complete checkpoint in output_dir; anything else is a path, which must be
+    a complete checkpoint. Trainer writes checkpoints in place, so a save that died midway leaves a directory
+    with the weights but not all the state: complete means it holds `written_last` (the file its save writes
+    last) and the random states, which a `save_only_model` checkpoint lacks along with the optimizer."""
+    import re
 
     if not resume_from_checkpoint or resume_from_checkpoint.lower() in ("false", "none"):
         return None
-    if resume_from_checkpoint.lower() in ("true", "last"):
-        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
-        if last is None:
-            raise UserError(f"resume_from_checkpoint: no checkpoint-* directory in {output_dir}")
-        return last
-    if not os.path.isdir(resume_from_checkpoint):
-        raise UserError(f"resume_from_checkpoint: directory not found: {resume_from_checkpoint}")
-    return resume_from_checkpoint
+    if resume_from_checkpoint.lower() not in ("true", "last"):
+        if not os.path.isdir(resume_from_checkpoint):
+            raise UserError(f"resume_from_checkpoint: directory not found: {resume_from_checkpoint}")
+        missing = _incomplete_checkpoint(Path(resume_from_checkpoint), written_last)
+        if missing:
+            raise UserError(f"resume_from_checkpoint: {resume_from_checkpoint} {missing}")
+        return resume_from_checkpoint
+    steps = {}
+    if os.path.isdir(output_dir):
+        for entry in Path(output_dir).iterdir():
+            match = re.fullmatch(r"checkpoint-(\d+)", entry.name)
+            if match and entry.is_dir():
+                steps[entry] = int(match.group(1))
+    if not steps:
+        raise UserError(f"resume_from_checkpoint: no checkpoint-* directory in {output_dir}")
+    newest_first = sorted(steps, key=steps.get, reverse=True)
+    for checkpoint in newest_first:
+        missing = _incomplete_checkpoint(checkpoint, written_last)
+        if not missing:
+            return str(checkpoint)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"[resume] passing over {checkpoint.name}: it {missing}", file=sys.stderr)
+    raise UserError(f"resume_from_checkpoint: no complete checkpoint in {output_dir} (the newest, "
+                    f"{newest_first[0].name}, {_incomplete_checkpoint(newest_first[0], written_last)})")
+
+
+def _incomplete_checkpoint(checkpoint: Path, written_last: str) -> str | None:
+    """What keeps `checkpoint` from continuing a run, or None."""
+    if not (checkpoint / written_last).is_file():
+        return f"has no {written_last} (a save that was interrupted, or not a checkpoint of this recipe)"
+    if not any(checkpoint.glob("rng_state*.pth")):
+        return ("holds no optimizer, schedule or random state (saved with save_only_model), so it cannot continue "
+                "a run; start a new run from its weights instead")
+    return None
 
 
 TOKEN_COUNT_NAME = "num_tokens.json"

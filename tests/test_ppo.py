@@ -275,6 +275,11 @@ def test_bad_checkpoints_stop_with_one_line(tiny_sft, tiny_reward, tiny_chat_dat
     with pytest.raises(UserError, match="has no ppo_state.json"):
         run_ppo(ppo_argv(tiny_sft, tiny_reward, tiny_chat_data, tmp_path / "x", *RESUMABLE,
                          "--resume_from_checkpoint", str(interrupted)))
+    from recipes.common import resolve_resume
+    from recipes.rl.ppo_trainer import PPO_STATE_NAME
+
+    shutil.copytree(interrupted, tmp_path / "run" / "checkpoint-3")  # newer, but its save never finished
+    assert resolve_resume("true", str(tmp_path / "run"), PPO_STATE_NAME) == str(checkpoint)
     with pytest.raises(UserError, match="no checkpoint-\\* directory"):
         run_ppo(ppo_argv(tiny_sft, tiny_reward, tiny_chat_data, tmp_path / "empty", *RESUMABLE,
                          "--resume_from_checkpoint", "true"))

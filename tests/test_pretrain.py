@@ -104,6 +104,32 @@ def test_resume_after_interruption_matches_uninterrupted_run(optimizer, tiny_dat
     assert resumed["eval_loss"] == pytest.approx(straight["eval_loss"], rel=1e-5)
 
 
+def test_resume_passes_over_an_interrupted_save_and_refuses_a_model_only_checkpoint(tiny_data, tmp_path, capsys):
+    """Trainer writes a checkpoint in place, trainer_state.json last. `true` must take the newest complete one,
+    not a save that died midway (it would load the weights and silently start a fresh optimizer), and a
+    save_only_model checkpoint cannot continue a run at all."""
+    import shutil
+
+    from recipes.common import resolve_resume
+
+    common = ["--max_steps", "4", "--save_steps", "2", "--logging_steps", "1", "--eval_on_start", "false"]
+    out = tmp_path / "run"
+    run_pretrain(pretrain_argv(tiny_data, out, *common))
+    shutil.copytree(out / "checkpoint-4", out / "checkpoint-6")
+    for name in ("trainer_state.json", *(p.name for p in (out / "checkpoint-6").glob("rng_state*.pth"))):
+        (out / "checkpoint-6" / name).unlink()  # the weights and optimizer are on disk, the rest never came
+    assert resolve_resume("true", str(out)) == str(out / "checkpoint-4")
+    assert "[resume] passing over checkpoint-6: it has no trainer_state.json" in capsys.readouterr().err
+    with pytest.raises(UserError, match=r"checkpoint-6 has no trainer_state.json \(a save that was interrupted"):
+        resolve_resume(str(out / "checkpoint-6"), str(out))
+
+    model_only = tmp_path / "model_only"
+    run_pretrain(pretrain_argv(tiny_data, model_only, *common, "--save_only_model", "true"))
+    with pytest.raises(UserError, match=r"no complete checkpoint in .*model_only \(the newest, checkpoint-4, holds no "
+                                        r"optimizer, schedule or random state \(saved with save_only_model\)"):
+        run_pretrain(pretrain_argv(tiny_data, model_only, *common, "--resume_from_checkpoint", "true"))
+
+
 class Crash(TrainerCallback):
     """Dies right after the checkpoint of `step` is on disk, like a killed job."""
 

@@ -35,7 +35,7 @@ from recipes.common import (load_pretrained, mark_incomplete, no_zero3_init, res
 from recipes.peft_methods import PeftMethodArguments, build_peft_config, trainable_parameters
 from recipes.rl.common import (ReferenceCurveArguments, RLShapingArguments, finish_run, load_reference_curves,
                               summary_line)
-from recipes.rl.ppo_trainer import PPOConfig
+from recipes.rl.ppo_trainer import PPO_STATE_NAME, PPOConfig
 
 
 @dataclass
@@ -63,7 +63,8 @@ def main(script_args, training_args, model_args, peft_args, callbacks=None) -> d
     from recipes.rl.rewards import build_reward_funcs
 
     started = time.time()
-    resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)  # checked before loading
+    # checked before loading; a PPO checkpoint's save writes ppo_state.json last
+    resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir, PPO_STATE_NAME)
     reference_curves = load_reference_curves(script_args.reference_curves)
     # ------------------------------------------------------------------ data
     data_inputs, train_prompts, test_prompts = load_prompts(
