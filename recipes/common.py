@@ -39,8 +39,6 @@ def resolve_resume(resume_from_checkpoint: str | None, output_dir: str,
     a complete checkpoint. Trainer writes checkpoints in place, so a save that died midway leaves a directory
     with the weights but not all the state: complete means it holds `written_last` (the file its save writes
     last) and the random states, which a `save_only_model` checkpoint lacks along with the optimizer."""
-    import re
-
     if not resume_from_checkpoint or resume_from_checkpoint.lower() in ("false", "none"):
         return None
     if resume_from_checkpoint.lower() not in ("true", "last"):
@@ -50,15 +48,11 @@ def resolve_resume(resume_from_checkpoint: str | None, output_dir: str,
         if missing:
             raise UserError(f"resume_from_checkpoint: {resume_from_checkpoint} {missing}")
         return resume_from_checkpoint
-    steps = {}
-    if os.path.isdir(output_dir):
-        for entry in Path(output_dir).iterdir():
-            match = re.fullmatch(r"checkpoint-(\d+)", entry.name)
-            if match and entry.is_dir():
-                steps[entry] = int(match.group(1))
-    if not steps:
+    from transformers.trainer_utils import sort_checkpoints  # by step, oldest first
+
+    newest_first = [Path(p) for p in reversed(sort_checkpoints(output_dir))] if os.path.isdir(output_dir) else []
+    if not newest_first:
         raise UserError(f"resume_from_checkpoint: no checkpoint-* directory in {output_dir}")
-    newest_first = sorted(steps, key=steps.get, reverse=True)
     for checkpoint in newest_first:
         missing = _incomplete_checkpoint(checkpoint, written_last)
         if not missing:
