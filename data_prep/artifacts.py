@@ -293,9 +293,28 @@ def read_manifest(directory: str | Path, what: str = "stage output", stage: str 
     return manifest
 
 
+def refuse_overlap(output_dir: str | Path, inputs: dict[str, str | Path | None] | list[tuple[str, Any]]) -> None:
+    """A one-line error when `output_dir` is, contains or lies inside one of the named local inputs.
+
+    A stage replaces its whole output directory, so an output that is an input would delete it (a
+    tokenizer written over its corpus), and an output inside an input folder would be read back as
+    input by the next run. Names that are not local paths (a Hub dataset id) are passed over.
+    """
+    out = Path(output_dir).resolve()
+    for key, path in (inputs.items() if isinstance(inputs, dict) else inputs):
+        if not path or not Path(path).exists():
+            continue
+        given = Path(path).resolve()
+        if out == given or given in out.parents or out in given.parents:
+            where = "is" if out == given else "lies inside" if given in out.parents else "contains"
+            raise UserError(f"output_dir {output_dir} {where} {key} {path}: a stage replaces its whole output "
+                            "directory, so it must lie apart from its inputs")
+
+
 @contextlib.contextmanager
 def atomic_output_dir(output_dir: str | Path, overwrite: bool = True) -> Iterator[Path]:
-    """Yield a temporary sibling directory that replaces `output_dir` only on success."""
+    """Yield a temporary sibling directory that replaces `output_dir` only on success (check the stage's
+    inputs with `refuse_overlap` before the work starts)."""
     output_dir = Path(output_dir)
     if output_dir.exists() and not overwrite:
         raise UserError(f"output directory already exists: {output_dir} (pass --overwrite true to replace it)")

@@ -14,11 +14,13 @@ documents is ~10 GB of text, streamed through the steps in one process.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from data_prep.artifacts import (
     UserError,
     atomic_output_dir,
+    refuse_overlap,
     build_manifest,
     file_fingerprint,
     fingerprint,
@@ -77,6 +79,19 @@ def build_corpus(args: CorpusArguments) -> dict:
 
     if not 0 < args.validation_fraction < 1:
         raise UserError(f"validation_fraction must be in (0, 1), got {args.validation_fraction}")
+    for key in ("max_docs", "max_stdlib_files"):  # 0 would read everything, -1 all but the last file
+        if getattr(args, key) is not None and getattr(args, key) < 1:
+            raise UserError(f"{key} must be >= 1 (or unset, for everything), got {getattr(args, key)}")
+    if args.seed < 0:
+        raise UserError(f"seed must be >= 0, got {args.seed}")
+    given = {"input_paths": args.input_paths, "hub_dataset": args.hub_dataset, "hub_config": args.hub_config,
+             "max_stdlib_files": args.max_stdlib_files}
+    read_by = {"input_paths": "local", "hub_dataset": "hub", "hub_config": "hub", "max_stdlib_files": "stdlib"}
+    for key, value in given.items():  # a forgotten --source would otherwise build the embedded corpus instead
+        if value and read_by[key] != args.source:
+            raise UserError(f"{key} is only read with --source {read_by[key]}, but source is {args.source}")
+    refuse_overlap(args.output_dir, [("input", path) for path in args.input_paths]
+                   + [("hub_dataset", args.hub_dataset if args.source == "hub" else None)])
     reader = make_reader(args)
     steps = [reader, Normalizer(min_chars=args.min_chars), ExactDedup()]
     rows = {"text": [], "id": [], "source": []}
@@ -90,6 +105,10 @@ def build_corpus(args: CorpusArguments) -> dict:
     if len(rows["text"]) < 2:
         raise UserError(f"empty corpus: {len(rows['text'])} document(s) left from {where} after normalisation and dedup")
 
+    n_validation = math.ceil(len(rows["text"]) * args.validation_fraction)  # as train_test_split rounds
+    if n_validation >= len(rows["text"]):
+        raise UserError(f"validation_fraction {args.validation_fraction} of {len(rows['text'])} documents from "
+                        f"{where} leaves no train document; lower it or add documents")
     split = Dataset.from_dict(rows).train_test_split(test_size=args.validation_fraction, seed=args.seed)
     corpus = DatasetDict(train=split["train"], validation=split["test"])
     outputs = {

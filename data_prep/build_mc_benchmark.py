@@ -65,6 +65,9 @@ def docstring_questions(pool: list[tuple[str, str]], num_choices: int, rng: rand
         # wrong names whose docstring differs; same module first, so the prefix gives nothing away
         same = [n for n in by_module[module] if n != name and sentence_of[n] != sentence]
         other = [n for n, _ in pool if not n.startswith(module + ".") and sentence_of[n] != sentence]
+        if len(same) + len(other) < num_choices - 1:
+            raise UserError(f"docstring_modules: {name} has {len(same) + len(other)} other functions with a different "
+                            f"docstring sentence, too few for {num_choices} choices; add modules or lower num_choices")
         wrong = rng.sample(same, min(num_choices - 1, len(same)))
         wrong += rng.sample(other, num_choices - 1 - len(wrong))
         query = f'Which Python function does this docstring describe?\n"{sentence}"\nAnswer:'

@@ -39,7 +39,7 @@ from data_prep.artifacts import (
     run_cli,
     write_manifest,
 )
-from data_prep.build_sft_data import read_hub_rows, read_local_rows
+from data_prep.build_sft_data import check_source_options, read_hub_rows, read_local_rows
 from data_prep.chat_tasks import (
     hh_rlhf_to_preference,
     preference_pairs_from_rows,
@@ -66,7 +66,8 @@ class PreferenceDataArguments:
     train_split: str = field(default="train")
     test_split: str | None = field(default="test", metadata={"help": "Hub split for test; 'none' splits off test_fraction."})
     format: str = field(default="preference", metadata={"help": "preference (prompt/chosen/rejected) or hh_rlhf."})
-    max_rows: int | None = field(default=None, metadata={"help": "Read at most this many rows per split."})
+    max_rows: int | None = field(default=None, metadata={"help": "Read at most this many rows (per split of a Hub "
+                                                                   "dataset; of the file for source=local)."})
     seed: int = field(default=42)
     overwrite: bool = field(default=True)
 
@@ -125,6 +126,7 @@ def _kind(value) -> str:
 def build_pairs(args: PreferenceDataArguments) -> tuple[dict[str, list[dict]], dict]:
     if args.margin not in ("none", "rank"):
         raise UserError(f"margin must be none or rank, got '{args.margin}'")
+    check_source_options(args, args.sft_data_dir if args.source == "embedded" else None)
     if args.source == "embedded":
         from datasets import load_from_disk
 
@@ -132,7 +134,7 @@ def build_pairs(args: PreferenceDataArguments) -> tuple[dict[str, list[dict]], d
         sft = load_from_disk(args.sft_data_dir)
         if "preference_prompts" not in sft:
             raise UserError(f"sft_data directory {args.sft_data_dir} has no preference_prompts split "
-                            f"(build it with data_prep.build_sft_data --source embedded)")
+                            f"(build it with data_prep.build_sft_data --source embedded and --preference_size above 0)")
         rows = [dict(row) for row in sft["preference_prompts"]]
         validate_messages(rows, f"{args.sft_data_dir} preference_prompts")
         sentences = sorted({answer for split in sft.values()
@@ -146,8 +148,9 @@ def build_pairs(args: PreferenceDataArguments) -> tuple[dict[str, list[dict]], d
     if args.source == "local":
         if not args.input_path:
             raise UserError("source=local needs --input_path")
-        pairs = convert(read_local_rows(args.input_path), args.format, args.input_path)
-        inputs = {"source": "local", "path": args.input_path, "hash": file_fingerprint([args.input_path])}
+        pairs = convert(read_local_rows(args.input_path)[: args.max_rows], args.format, args.input_path)
+        inputs = {"source": "local", "path": args.input_path, "hash": file_fingerprint([args.input_path]),
+                  "max_rows": args.max_rows}
         return split_by_prompt(pairs, args.test_fraction, args.seed), inputs
     if args.source == "hub":
         if not args.dataset_name:

@@ -37,6 +37,7 @@ from data_prep.artifacts import (
     file_fingerprint,
     fingerprint,
     parse_config,
+    refuse_overlap,
     run_cli,
     write_manifest,
 )
@@ -81,7 +82,8 @@ class SFTDataArguments:
     train_split: str = field(default="train")
     test_split: str | None = field(default="test", metadata={"help": "Hub split for test; 'none' splits off test_fraction."})
     format: str = field(default="messages", metadata={"help": "messages (a `messages` column) or alpaca."})
-    max_rows: int | None = field(default=None, metadata={"help": "Read at most this many rows per split."})
+    max_rows: int | None = field(default=None, metadata={"help": "Read at most this many rows (per split of a Hub "
+                                                                   "dataset; of the file for source=local)."})
     test_fraction: float = field(default=0.05, metadata={"help": "Held out when there is no test split."})
     seed: int = field(default=42)
     overwrite: bool = field(default=True)
@@ -148,8 +150,21 @@ def dedup(rows: list[dict], seen: set[str]) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- build
+def check_source_options(args, local_path: str | None) -> None:
+    """Refuse options of another source (a forgotten --source would otherwise build the embedded data instead),
+    a max_rows below 1, and an output_dir that overlaps the local input."""
+    for key, source in (("input_path", "local"), ("dataset_name", "hub")):
+        if getattr(args, key) and args.source != source:
+            raise UserError(f"{key} is only read with --source {source}, but source is {args.source}")
+    if args.max_rows is not None and args.max_rows < 1:
+        raise UserError(f"max_rows must be >= 1 (or unset, for all), got {args.max_rows}")
+    refuse_overlap(args.output_dir, {"input_path": args.input_path, "dataset_name": args.dataset_name,
+                                     "sft_data_dir": local_path})
+
+
 def build_splits(args: SFTDataArguments) -> tuple[dict[str, list[dict]], dict]:
     """The rows of each split and the manifest's `inputs`."""
+    check_source_options(args, None)
     if args.source == "embedded":
         generator = ChatTaskGenerator(args.seed, args.families, args.system_fraction, args.multi_turn_fraction,
                                       max_docstring_functions=args.max_docstring_functions,
@@ -162,8 +177,9 @@ def build_splits(args: SFTDataArguments) -> tuple[dict[str, list[dict]], dict]:
     if args.source == "local":
         if not args.input_path:
             raise UserError("source=local needs --input_path")
-        rows = to_chat_rows(read_local_rows(args.input_path), args.format, args.input_path)
-        inputs = {"source": "local", "path": args.input_path, "hash": file_fingerprint([args.input_path])}
+        rows = to_chat_rows(read_local_rows(args.input_path)[: args.max_rows], args.format, args.input_path)
+        inputs = {"source": "local", "path": args.input_path, "hash": file_fingerprint([args.input_path]),
+                  "max_rows": args.max_rows}
         return split_off_test(dedup(rows, set()), args), inputs
     if args.source == "hub":
         if not args.dataset_name:
@@ -178,6 +194,10 @@ def build_splits(args: SFTDataArguments) -> tuple[dict[str, list[dict]], dict]:
             return split_off_test(train, args), inputs
         test = dedup(to_chat_rows(read_hub_rows(name, args.dataset_config, args.test_split, args.max_rows),
                                   args.format, f"{name}:{args.test_split}"), seen)
+        for split, rows in ((args.train_split, train), (args.test_split, test)):
+            if not rows:  # an empty split would be dropped from the DatasetDict without a word
+                raise UserError(f"{name}:{split}: no conversations"
+                                + (" that the train split does not already hold" if split == args.test_split else ""))
         return {"train": train, "test": test}, inputs
     raise UserError(f"unknown source '{args.source}' (use embedded, local or hub)")
 

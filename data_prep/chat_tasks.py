@@ -575,6 +575,10 @@ def preference_pairs_from_rows(rows: Sequence[dict], seed: int, margin: str | No
 # ----------------------------------------------------------------------------- converters
 def alpaca_to_messages(row: dict) -> dict:
     """Alpaca rows (instruction, optional input, output) -> {"messages": [user, assistant]}."""
+    if not isinstance(row, dict):
+        raise ValueError(f"not an object with fields instruction/input/output (a {type(row).__name__})")
+    if not isinstance(row.get("input") or "", str):
+        raise ValueError("field 'input' is not a string")
     for name in ("instruction", "output"):
         if not isinstance(row.get(name), str):
             raise ValueError(f"missing field '{name}'" if name not in row else f"field '{name}' is not a string")
@@ -596,6 +600,8 @@ def _hh_messages(text: str, name: str) -> list[dict]:
 
 def hh_rlhf_to_preference(row: dict) -> dict:
     """Anthropic/hh-rlhf ("\\n\\nHuman: ...\\n\\nAssistant: ..." strings) -> conversational prompt/chosen/rejected."""
+    if not isinstance(row, dict):
+        raise ValueError(f"not an object with fields chosen/rejected (a {type(row).__name__})")
     for name in ("chosen", "rejected"):
         if not isinstance(row.get(name), str):
             raise ValueError(f"missing field '{name}'" if name not in row else f"field '{name}' is not a string")
@@ -612,6 +618,8 @@ def preference_passthrough(row: dict) -> dict:
     """Rows that already hold prompt/chosen/rejected pass through; an implicit prompt (chosen and
     rejected as whole conversations, as in trl-lib/ultrafeedback_binarized) is split off as
     the longest shared prefix of messages."""
+    if not isinstance(row, dict):
+        raise ValueError(f"not an object with fields prompt/chosen/rejected (a {type(row).__name__})")
     for name in ("chosen", "rejected"):
         if name not in row:
             raise ValueError(f"missing field '{name}'")

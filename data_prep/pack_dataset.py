@@ -14,11 +14,13 @@ all cores for about an hour.
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass, field
 
 from data_prep.artifacts import (
     UserError,
     atomic_output_dir,
+    refuse_overlap,
     build_manifest,
     parse_config,
     read_manifest,
@@ -61,6 +63,7 @@ def pack_dataset(args: PackArguments) -> dict:
         raise UserError(f"pack_batch_size must be >= 1, got {args.pack_batch_size}")
     if args.num_proc < 1:
         raise UserError(f"num_proc must be >= 1, got {args.num_proc}")
+    refuse_overlap(args.output_dir, {"corpus_dir": args.corpus_dir, "tokenizer_dir": args.tokenizer_dir})
     corpus_manifest = read_manifest(args.corpus_dir, "corpus", stage="corpus")
     tokenizer_manifest = read_manifest(args.tokenizer_dir, "tokenizer", stage="tokenizer")
     tokenizer = load_tokenizer(args.tokenizer_dir)
@@ -72,35 +75,41 @@ def pack_dataset(args: PackArguments) -> dict:
         return pack_blocks([[bos, *enc.ids, eos] for enc in encoded], args.block_size, pad)
 
     corpus = load_from_disk(args.corpus_dir)
-    packed = DatasetDict(
-        {
-            split: ds.map(
-                tokenize_and_pack,
-                batched=True,
-                batch_size=args.pack_batch_size,
-                remove_columns=ds.column_names,
-                num_proc=args.num_proc if len(ds) >= 2 * args.num_proc else None,
-                desc=f"pack {split}",
-            )
-            for split, ds in corpus.items()
-        }
-    )
-    outputs = {}
-    for split, ds in packed.items():
-        # counted in Arrow: a Python loop over every mask would not survive a 10B-token corpus
-        real = pc.sum(pc.list_flatten(ds.data.column("attention_mask"))).as_py() or 0
-        outputs[split] = {"blocks": len(ds), "tokens": real, "padding": len(ds) * args.block_size - real}
-    outputs["block_size"] = args.block_size
-    inputs = {
-        "corpus_dir": args.corpus_dir,
-        "corpus_fingerprint": corpus_manifest["fingerprint"],
-        "tokenizer_dir": args.tokenizer_dir,
-        "tokenizer_fingerprint": tokenizer_manifest["fingerprint"],
-    }
-    options = {"block_size": args.block_size, "pack_batch_size": args.pack_batch_size, "bos": bos, "eos": eos, "pad": pad}
-    manifest = build_manifest("packed", inputs, options, outputs)
     with atomic_output_dir(args.output_dir, args.overwrite) as tmp:
+        # map's cache goes into the new output, not next to the corpus: a stage never writes into its inputs
+        cache = tmp / "_map_cache"
+        cache.mkdir()
+        packed = DatasetDict(
+            {
+                split: ds.map(
+                    tokenize_and_pack,
+                    batched=True,
+                    batch_size=args.pack_batch_size,
+                    remove_columns=ds.column_names,
+                    num_proc=args.num_proc if len(ds) >= 2 * args.num_proc else None,
+                    cache_file_name=str(cache / f"{split}.arrow"),
+                    desc=f"pack {split}",
+                )
+                for split, ds in corpus.items()
+            }
+        )
+        outputs = {}
+        for split, ds in packed.items():
+            # counted in Arrow: a Python loop over every mask would not survive a 10B-token corpus
+            real = pc.sum(pc.list_flatten(ds.data.column("attention_mask"))).as_py() or 0
+            outputs[split] = {"blocks": len(ds), "tokens": real, "padding": len(ds) * args.block_size - real}
+        outputs["block_size"] = args.block_size
+        inputs = {
+            "corpus_dir": args.corpus_dir,
+            "corpus_fingerprint": corpus_manifest["fingerprint"],
+            "tokenizer_dir": args.tokenizer_dir,
+            "tokenizer_fingerprint": tokenizer_manifest["fingerprint"],
+        }
+        options = {"block_size": args.block_size, "pack_batch_size": args.pack_batch_size, "bos": bos, "eos": eos,
+                   "pad": pad}
+        manifest = build_manifest("packed", inputs, options, outputs)
         packed.save_to_disk(str(tmp))
+        shutil.rmtree(cache)
         write_manifest(tmp, manifest)
     return manifest
 

@@ -134,9 +134,9 @@ class LocalFileReader(PipelineStep):
         for raw in self.paths:
             path = Path(raw)
             if path.is_dir():
-                found += sorted(p for p in path.rglob("*") if p.suffix in LOCAL_SUFFIXES and p.is_file())
+                found += sorted(p for p in path.rglob("*") if p.suffix.lower() in LOCAL_SUFFIXES and p.is_file())
             elif path.is_file():
-                if path.suffix not in LOCAL_SUFFIXES:
+                if path.suffix.lower() not in LOCAL_SUFFIXES:
                     raise UserError(f"{path}: unsupported file type (use one of {', '.join(LOCAL_SUFFIXES)})")
                 found.append(path)
             else:
@@ -146,11 +146,11 @@ class LocalFileReader(PipelineStep):
     def run(self, data=None, rank: int = 0, world_size: int = 1):
         for path in self.files()[rank::world_size]:
             self.stats["files"] += 1
-            if path.suffix == ".parquet":
+            if path.suffix.lower() == ".parquet":
                 yield from self._parquet(path)
                 continue
             text = read_utf8(path)
-            if path.suffix in (".txt", ".md"):
+            if path.suffix.lower() in (".txt", ".md"):
                 yield Document(text, str(path), {"source": "local", "path": str(path)})
             else:
                 for position, row, unit in json_records(path, text):
@@ -198,7 +198,7 @@ def read_utf8(path: Path) -> str:
 
 def json_records(path: Path, text: str):
     """(line or index, object, "line"/"item") for each record of a .jsonl or .json (list) file."""
-    if path.suffix == ".jsonl":
+    if path.suffix.lower() == ".jsonl":
         # split on "\n" only: str.splitlines() would also cut at U+2028 inside JSON strings
         for lineno, line in enumerate(text.split("\n"), 1):
             if line.strip():
@@ -245,6 +245,8 @@ class HubReader(PipelineStep):
                 break
             if self.text_field not in row:
                 raise UserError(f"{self.dataset}: row {index}: missing text field '{self.text_field}'")
+            if not isinstance(row[self.text_field], str):
+                raise UserError(f"{self.dataset}: row {index}: field '{self.text_field}' is not a string")
             self.stats["rows"] += 1
             yield Document(row[self.text_field], f"{self.dataset}#{index}", {"source": "hub", "dataset": self.dataset})
 

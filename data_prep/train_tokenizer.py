@@ -28,6 +28,7 @@ from pathlib import Path
 from data_prep.artifacts import (
     UserError,
     atomic_output_dir,
+    refuse_overlap,
     build_manifest,
     parse_config,
     read_manifest,
@@ -64,7 +65,8 @@ class TokenizerArguments:
     kind: str = field(default="byte_level_bpe", metadata={"help": "byte_level_bpe or sentencepiece."})
     spm_model_type: str = field(default="unigram", metadata={"help": "unigram or bpe (kind=sentencepiece)."})
     vocab_size: int = field(default=512)
-    min_frequency: int = field(default=2)
+    min_frequency: int | None = field(default=None, metadata={
+        "help": "byte_level_bpe: learn only merges seen this often (default 2). SentencePiece has no such option."})
     model_max_length: int = field(default=2048)
     max_training_docs: int | None = field(default=None, metadata={"help": "Train on at most this many documents."})
     overwrite: bool = field(default=True)
@@ -185,6 +187,17 @@ def train_tokenizer(args: TokenizerArguments) -> dict:
             f"vocab_size {args.vocab_size} is smaller than the {len(SPECIAL_TOKENS)} special tokens "
             f"plus the {BYTE_ALPHABET}-byte alphabet ({minimum})"
         )
+    if args.kind == "sentencepiece" and args.min_frequency is not None:
+        raise UserError("min_frequency applies to byte_level_bpe only: the SentencePiece trainer has no such option")
+    if args.kind == "byte_level_bpe":
+        args.min_frequency = 2 if args.min_frequency is None else args.min_frequency
+        if args.min_frequency < 1:
+            raise UserError(f"min_frequency must be >= 1, got {args.min_frequency}")
+    if args.max_training_docs is not None and args.max_training_docs < 1:  # [:0] would train on nothing
+        raise UserError(f"max_training_docs must be >= 1 (or unset, for all), got {args.max_training_docs}")
+    if args.model_max_length < 2:
+        raise UserError(f"model_max_length must be >= 2, got {args.model_max_length}")
+    refuse_overlap(args.output_dir, {"corpus_dir": args.corpus_dir})
     corpus_manifest = read_manifest(args.corpus_dir, "corpus", stage="corpus")
     corpus = load_from_disk(args.corpus_dir)
     train_texts = list(corpus["train"]["text"])[: args.max_training_docs]

@@ -560,3 +560,76 @@ def test_table_facts_are_held_out_by_question_and_content_families_by_content():
     train_sets = {sorted_numbers(q) for q in train_questions} - {None}
     test_sets = {sorted_numbers(last_question(r)) for r in splits["test"]} - {None}
     assert test_sets and not test_sets & train_sets
+
+
+def write_jsonl(path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def chat(i: int) -> dict:
+    return {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+
+
+def test_max_rows_caps_a_local_file(tmp_path):
+    chats = write_jsonl(tmp_path / "chats.jsonl", [chat(i) for i in range(20)])
+    manifest = build_sft_data.main(["--source", "local", "--input_path", chats, "--max_rows", "8",
+                                    "--test_fraction", "0.25", "--output_dir", str(tmp_path / "sft")])
+    assert (manifest["outputs"]["train"]["rows"], manifest["outputs"]["test"]["rows"]) == (6, 2)
+    assert manifest["inputs"]["max_rows"] == 8
+    prefs = write_jsonl(tmp_path / "prefs.jsonl",
+                        [{"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(20)])
+    manifest = build_preference_data.main(["--source", "local", "--input_path", prefs, "--max_rows", "10",
+                                           "--output_dir", str(tmp_path / "pref")])
+    assert manifest["outputs"]["train"]["pairs"] + manifest["outputs"]["test"]["pairs"] == 10
+
+
+@pytest.mark.parametrize(("module", "fmt", "bad_row", "message"), [
+    (build_sft_data, "alpaca", [1, 2], "not an object with fields instruction/input/output (a list)"),
+    (build_sft_data, "alpaca", {"instruction": "hi", "input": 5, "output": "yo"}, "field 'input' is not a string"),
+    (build_sft_data, "messages", 5, "missing field 'messages'"),
+    (build_preference_data, "hh_rlhf", [1, 2], "not an object with fields chosen/rejected (a list)"),
+    (build_preference_data, "preference", 5, "not an object with fields prompt/chosen/rejected (a int)"),
+])
+def test_local_row_that_is_not_an_object_is_one_line(tmp_path, module, fmt, bad_row, message):
+    good = ({"instruction": "Say hi.", "output": "hi"} if fmt == "alpaca" else chat(0) if fmt == "messages"
+            else {"chosen": "\n\nHuman: q\n\nAssistant: a", "rejected": "\n\nHuman: q\n\nAssistant: b"}
+            if fmt == "hh_rlhf" else {"prompt": "q", "chosen": "a", "rejected": "b"})
+    rows = write_jsonl(tmp_path / "rows.jsonl", [good, bad_row])
+    with pytest.raises(UserError) as err:
+        module.main(["--source", "local", "--input_path", rows, "--format", fmt, "--output_dir", str(tmp_path / "o")])
+    assert str(err.value) == f"{rows}: row 1: {message}"
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--max_rows", "0"], r"max_rows must be >= 1 \(or unset, for all\), got 0"),
+    (["--input_path", "chats.jsonl"], "input_path is only read with --source local, but source is embedded"),
+    (["--source", "local", "--input_path", "x.jsonl", "--dataset_name", "org/chats"],
+     "dataset_name is only read with --source hub, but source is local"),
+])
+def test_options_of_another_source_or_below_one_are_refused(tmp_path, argv, message):
+    for module in (build_sft_data, build_preference_data):
+        with pytest.raises(UserError, match=f"^{message}$"):
+            module.main([*argv, "--output_dir", str(tmp_path / "o")])
+
+
+def test_output_dir_that_is_the_input_is_refused(tmp_path):
+    chats = write_jsonl(tmp_path / "chats.jsonl", [chat(i) for i in range(4)])
+    with pytest.raises(UserError, match=f"^output_dir {chats} is input_path {chats}: "):
+        build_sft_data.main(["--source", "local", "--input_path", chats, "--output_dir", chats])
+    (tmp_path / "sft").mkdir()
+    with pytest.raises(UserError, match=f"^output_dir {tmp_path} contains sft_data_dir {tmp_path / 'sft'}: "):
+        build_preference_data.main(["--sft_data_dir", str(tmp_path / "sft"), "--output_dir", str(tmp_path)])
+    assert (tmp_path / "chats.jsonl").is_file()
+
+
+def test_hub_split_left_empty_is_refused(tmp_path, monkeypatch):
+    import datasets
+
+    splits = {"train": [chat(i) for i in range(4)], "test": [chat(0), chat(1)]}  # test repeats train's prompts
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, config, split, streaming:
+                        datasets.IterableDataset.from_generator(lambda: iter(splits[split])))
+    with pytest.raises(UserError, match="^org/chats:test: no conversations that the train split does not already hold$"):
+        build_sft_data.main(["--source", "hub", "--dataset_name", "org/chats", "--output_dir", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()

@@ -420,3 +420,62 @@ def test_output_dir_under_a_file_is_one_line(tmp_path):
                                 (tmp_path / "taken", "is a file")]:
         with pytest.raises(UserError, match=message), atomic_output_dir(output_dir):
             pass
+
+
+def test_output_that_overlaps_an_input_is_refused_and_the_input_kept(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.txt").write_text("a document long enough to keep")
+    for output, where in ((data, "is"), (data / "corpus", "lies inside"), (tmp_path, "contains")):
+        with pytest.raises(UserError) as err:
+            build_corpus(local_args(tmp_path, [data], output_dir=str(output)))
+        assert str(err.value).startswith(f"output_dir {output} {where} input {data}: a stage replaces its whole")
+    assert (data / "a.txt").read_text() == "a document long enough to keep" and os.listdir(data) == ["a.txt"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"validation_fraction": 0.99}, "validation_fraction 0.99 of 3 documents from .* leaves no train document"),
+    ({"max_docs": 0}, r"max_docs must be >= 1 \(or unset, for everything\), got 0"),
+    ({"seed": -1}, "seed must be >= 0, got -1"),
+    ({"max_stdlib_files": 5}, "max_stdlib_files is only read with --source stdlib, but source is local"),
+])
+def test_corpus_options_that_cannot_work_are_one_line(tmp_path, overrides, message):
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(3):
+        (data / f"{i}.txt").write_text(f"document number {i}")
+    with pytest.raises(UserError, match=f"^{message}"):
+        build_corpus(local_args(tmp_path, [data], **overrides))
+    assert not (tmp_path / "corpus").exists()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"max_stdlib_files": -1}, "max_stdlib_files must be >= 1"),  # paths[:-1] would drop one file without a word
+    ({"input_paths": ["notes/"]}, "input_paths is only read with --source local, but source is stdlib"),
+    ({"hub_dataset": "HuggingFaceFW/fineweb-edu"}, "hub_dataset is only read with --source hub, but source is stdlib"),
+])
+def test_stdlib_options_that_cannot_work_are_one_line(tmp_path, overrides, message):
+    with pytest.raises(UserError, match=f"^{message}"):
+        build_corpus(CorpusArguments(output_dir=str(tmp_path / "corpus"), **overrides))
+
+
+def test_local_suffixes_are_matched_in_any_case(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "A.TXT").write_text("upper-case suffix document")
+    (data / "b.JsonL").write_text('{"text": "mixed-case suffix row"}\n')
+    (data / "c.txt").write_text("lower-case suffix document")
+    manifest = build_corpus(local_args(tmp_path, [data], validation_fraction=0.34))
+    assert manifest["inputs"]["files"] == 3
+    assert set(all_rows(tmp_path / "corpus")) == {f"{data}/A.TXT", f"{data}/b.JsonL#1", f"{data}/c.txt"}
+
+
+def test_hub_row_whose_text_is_not_a_string_names_the_row(tmp_path, monkeypatch):
+    import datasets
+
+    rows = [{"text": "a fine first document"}, {"text": None}]
+    monkeypatch.setattr(datasets, "load_dataset",
+                        lambda name, config, split, streaming: datasets.IterableDataset.from_generator(lambda: iter(rows)))
+    with pytest.raises(UserError, match=r"^org/data: row 1: field 'text' is not a string$"):
+        build_corpus(CorpusArguments(source="hub", hub_dataset="org/data", output_dir=str(tmp_path / "hub")))
+    assert not (tmp_path / "hub").exists()

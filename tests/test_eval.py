@@ -390,3 +390,14 @@ def test_lm_eval_include_path_of_the_wrong_stage_or_with_a_broken_task_is_one_li
                            str(broken)))
     one_line(err, str(task_file), "holds a mapping")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_mc_benchmark_with_too_few_distinct_wrong_answers_is_one_line(tmp_path):
+    from data_prep import build_mc_benchmark
+
+    # urllib.parse.parse_qs and parse_qsl share their first docstring sentence: neither is a wrong answer to the other
+    with pytest.raises(UserError, match=r"^docstring_modules: urllib.parse.parse_qs has 1 other functions with a "
+                                        r"different docstring sentence, too few for 3 choices"):
+        build_mc_benchmark.main(["--docstring_modules", "urllib.parse", "--num_choices", "3",
+                                 "--output_dir", str(tmp_path / "mc")])
+    assert not (tmp_path / "mc").exists()

@@ -139,3 +139,19 @@ def test_pack_batch_size_below_one_is_rejected(tiny_data, tmp_path):
         pack_dataset(PackArguments(corpus_dir=str(tiny_data["corpus"]), tokenizer_dir=str(tiny_data["tokenizer"]),
                                    output_dir=str(tmp_path / "packed"), block_size=16, pack_batch_size=0))
     assert not (tmp_path / "packed").exists()
+
+
+def test_packing_writes_nothing_into_its_inputs(tiny_data, packed):
+    out, _ = packed
+    corpus_files = sorted(p.relative_to(tiny_data["corpus"]).as_posix() for p in tiny_data["corpus"].rglob("*"))
+    assert not [f for f in corpus_files if "cache" in f], corpus_files  # Dataset.map's cache goes elsewhere
+    assert sorted(p.name for p in out.iterdir()) == ["dataset_dict.json", "manifest.json", "train", "validation"]
+
+
+def test_output_dir_that_is_the_tokenizer_is_refused(tiny_data, tmp_path):
+    tokenizer = tiny_data["tokenizer"]
+    before = sorted(p.name for p in tokenizer.iterdir())
+    with pytest.raises(UserError, match=f"^output_dir {tokenizer} is tokenizer_dir {tokenizer}: "):
+        pack_dataset(PackArguments(corpus_dir=str(tiny_data["corpus"]), tokenizer_dir=str(tokenizer),
+                                   output_dir=str(tokenizer)))
+    assert sorted(p.name for p in tokenizer.iterdir()) == before

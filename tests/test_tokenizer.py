@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from datasets import load_from_disk
@@ -198,3 +199,37 @@ def test_load_tokenizer(tiny_data, tmp_path):
     assert str(tmp_path / "nowhere") in str(err.value)
     tokenizer = load_tokenizer(tiny_data["tokenizer"])
     assert tokenizer.decode(tokenizer.encode(ROUND_TRIP, add_special_tokens=False)) == ROUND_TRIP
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"kind": "sentencepiece", "min_frequency": 3}, "min_frequency applies to byte_level_bpe only"),
+    ({"min_frequency": 0}, "min_frequency must be >= 1, got 0"),
+    ({"max_training_docs": 0}, r"max_training_docs must be >= 1 \(or unset, for all\), got 0"),
+    ({"model_max_length": 0}, "model_max_length must be >= 2, got 0"),
+])
+def test_tokenizer_options_that_cannot_work_are_one_line(tiny_data, tmp_path, overrides, message):
+    with pytest.raises(UserError, match=f"^{message}"):
+        train_tokenizer(TokenizerArguments(corpus_dir=str(tiny_data["corpus"]), output_dir=str(tmp_path / "t"),
+                                           **overrides))
+    assert not (tmp_path / "t").exists()
+
+
+def test_output_dir_that_is_the_corpus_is_refused(tiny_data, tmp_path):
+    import shutil
+
+    corpus = tmp_path / "corpus"
+    shutil.copytree(tiny_data["corpus"], corpus)
+    with pytest.raises(UserError, match=f"^output_dir {corpus} is corpus_dir {corpus}: a stage replaces its whole"):
+        train_tokenizer(TokenizerArguments(corpus_dir=str(corpus), output_dir=str(corpus)))
+    assert sorted(os.listdir(corpus)) == sorted(os.listdir(tiny_data["corpus"]))
+
+
+def test_min_frequency_changes_the_byte_level_merges(tiny_data, tmp_path):
+    vocabularies = []
+    for min_frequency in (2, 100_000):  # no pair is that frequent in the tiny corpus: bytes and specials only
+        manifest = train_tokenizer(TokenizerArguments(corpus_dir=str(tiny_data["corpus"]), vocab_size=400,
+                                                      output_dir=str(tmp_path / f"t{min_frequency}"),
+                                                      min_frequency=min_frequency, max_training_docs=20))
+        vocabularies.append(manifest["outputs"]["vocab_size"])
+        assert manifest["options"]["min_frequency"] == min_frequency
+    assert vocabularies == [400, len(SPECIAL_TOKENS) + 256]
