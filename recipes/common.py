@@ -4,6 +4,7 @@ and model cards."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import sys
@@ -103,9 +104,28 @@ def keep_token_count_across_resume(trainer, resume: str | None) -> None:
         trainer._total_train_tokens = counts[-1] if counts else 0
 
 
+STAGING_NAMES = (".final-tmp", ".eval-tmp")
+PREVIOUS_FINAL_NAME = ".previous-final.json"  # the final files of the run this one replaces
+
+
+def _kept_across_runs(name: str) -> bool:
+    """Checkpoints (for resume), logging folders and our own bookkeeping outlive a run; nothing else does."""
+    return name.startswith(("checkpoint-", ".", "_")) or name in ("runs", MANIFEST_NAME)
+
+
 def mark_incomplete(output_dir: str | Path) -> None:
-    """Remove an old manifest first, so a run that dies midway is never taken as finished."""
-    (Path(output_dir) / MANIFEST_NAME).unlink(missing_ok=True)
+    """Remove an old manifest first, so a run that dies midway is never taken as finished. The finished run's
+    other final files are listed first, for `publish` to remove those this run does not write again: a full
+    model published over an earlier LoRA run would otherwise sit beside its stale adapter files, and loading
+    the directory would pick the adapter. A staging directory left by a crashed run is cleared."""
+    output_dir = Path(output_dir)
+    for name in STAGING_NAMES:
+        shutil.rmtree(output_dir / name, ignore_errors=True)
+    manifest = output_dir / MANIFEST_NAME
+    if manifest.is_file():
+        previous = sorted(entry.name for entry in output_dir.iterdir() if not _kept_across_runs(entry.name))
+        (output_dir / PREVIOUS_FINAL_NAME).write_text(json.dumps(previous) + "\n")
+        manifest.unlink()
 
 
 def publish(staging_dir: str | Path, output_dir: str | Path, trainer=None) -> None:
@@ -115,6 +135,12 @@ def publish(staging_dir: str | Path, output_dir: str | Path, trainer=None) -> No
     staging_dir, output_dir = Path(staging_dir), Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     entries = sorted(staging_dir.iterdir(), key=lambda p: p.name == MANIFEST_NAME)
+    previous = output_dir / PREVIOUS_FINAL_NAME
+    if previous.is_file():  # the replaced run's final files that this run does not write again
+        for name in set(json.loads(previous.read_text())) - {entry.name for entry in entries}:
+            stale = output_dir / name
+            shutil.rmtree(stale) if stale.is_dir() and not stale.is_symlink() else stale.unlink(missing_ok=True)
+        previous.unlink()
     for entry in entries:
         target = output_dir / entry.name
         if target.is_dir():

@@ -183,3 +183,14 @@ def test_yaml_key_given_twice_is_one_line_error(tmp_path):
     line = len(preset.splitlines()) + 1
     with pytest.raises(UserError, match=rf"^{re.escape(str(config))}:{line}: key max_steps is given twice$"):
         pretrain.parse_args(["--config", str(config)])
+
+
+def test_refused_resume_leaves_a_finished_run_as_it_was(tiny_data, tiny_pretrained, tmp_path):
+    import shutil
+
+    out = tmp_path / "pretrain"
+    shutil.copytree(tiny_pretrained, out)  # a finished run, manifest included
+    with pytest.raises(UserError, match="^resume_from_checkpoint: directory not found: "):
+        run_pretrain(pretrain_argv(tiny_data, out, "--max_steps", "2", "--eval_on_start", "false",
+                                   "--resume_from_checkpoint", str(out / "checkpoint-99")))
+    assert (out / "manifest.json").is_file()

@@ -287,3 +287,14 @@ def test_pad_token_missing_from_the_vocabulary_is_one_line(tiny_pretrained, tiny
                                "--pad_token", "<|nope|>"))
     assert str(err.value) == f"pad_token: '<|nope|>' is not in the vocabulary of the tokenizer of {tiny_pretrained}"
     assert not (tmp_path / "out").exists()  # refused before the trainer is built
+
+
+def test_refused_resume_leaves_a_finished_run_as_it_was(tiny_sft, tiny_reward, tiny_chat_data, tmp_path):
+    import shutil
+
+    out = tmp_path / "rm"
+    shutil.copytree(tiny_reward, out)
+    with pytest.raises(UserError, match="^resume_from_checkpoint: no checkpoint-\\* directory in "):
+        run_reward(reward_argv(tiny_sft, tiny_chat_data["preference"], out, "tiny.yaml", "--resume_from_checkpoint",
+                               "true"))
+    assert (out / "manifest.json").is_file()

@@ -495,3 +495,13 @@ def test_dpo_pad_token_missing_from_the_vocabulary_is_one_line(tiny_sft, tiny_re
         run(dpo, dpo_argv(tiny_sft, tiny_reward, tiny_chat_data, tmp_path / "out", "--pad_token", "<|nope|>"))
     assert str(err.value) == f"pad_token: '<|nope|>' is not in the vocabulary of the tokenizer of {tiny_sft}"
     assert not (tmp_path / "out").exists()
+
+
+def test_refused_resume_leaves_a_finished_dpo_run_as_it_was(tiny_sft, tiny_reward, tiny_chat_data, tmp_path):
+    import shutil
+
+    out = tmp_path / "dpo"
+    shutil.copytree(tiny_sft, out)  # a finished stage output, manifest included
+    with pytest.raises(UserError, match="^resume_from_checkpoint: no checkpoint-\\* directory in "):
+        run(dpo, dpo_argv(tiny_sft, tiny_reward, tiny_chat_data, out, "--resume_from_checkpoint", "true"))
+    assert (out / "manifest.json").is_file()

@@ -379,3 +379,27 @@ def test_fused_head_on_labelled_positions_gives_the_same_loss_and_gradients():
     assert torch.equal(compact.is_top1[mask], full.is_top1[mask])
     for name, grad in full_grads.items():
         assert torch.allclose(compact_grads[name], grad, atol=1e-6), name
+
+
+def test_a_run_replaces_the_previous_runs_final_files_and_keeps_its_checkpoints(tiny_pretrained, tiny_chat_data,
+                                                                                tmp_path):
+    """A full SFT run over a finished LoRA run's output_dir: the stale adapter files must go, or loading the
+    directory would pick the old adapter instead of the new model."""
+    from recipes.common import load_pretrained
+
+    out = tmp_path / "sft"
+    run_sft(sft_argv(tiny_pretrained, tiny_chat_data["sft"], out, "tiny_lora.yaml", "--merge_adapter", "false",
+                     "--eval_exact_match", "false", "--save_strategy", "steps", "--save_steps", "3"))
+    assert (out / "adapter_model.safetensors").is_file() and (out / "checkpoint-3").is_dir()
+    (out / ".final-tmp").mkdir()  # as a crashed run would leave it, with a stale file in it
+    (out / ".final-tmp" / "adapter_config.json").write_text("{}")
+    with pytest.raises(UserError, match="^resume_from_checkpoint: directory not found: "):
+        run_sft(sft_argv(tiny_pretrained, tiny_chat_data["sft"], out, "tiny.yaml", "--resume_from_checkpoint",
+                         str(out / "checkpoint-9")))
+    assert (out / "manifest.json").is_file()  # a refused resume leaves the finished run as it was
+    run_sft(sft_argv(tiny_pretrained, tiny_chat_data["sft"], out, "tiny.yaml", "--eval_exact_match", "false"))
+    names = sorted(p.name for p in out.iterdir())
+    assert "model.safetensors" in names and "checkpoint-3" in names and "manifest.json" in names
+    assert not [n for n in names if n.startswith("adapter") or n.startswith(".")], names
+    model, _, manifest = load_pretrained(str(out), AutoModelForCausalLM)
+    assert type(model).__name__ == "LlamaForCausalLM" and manifest["options"].get("use_peft") in (False, None)

@@ -129,6 +129,8 @@ def main(script_args, training_args, arch_args, callbacks=None) -> dict:
                                 optimizer_cls_and_kwargs=optimizer_factory)
     if script_args.muon:
         _check_muon_supported(trainer)
+    # a bad resume_from_checkpoint is refused before the finished run's manifest goes
+    resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
     if trainer.is_world_process_zero():
         mark_incomplete(training_args.output_dir)
     device = trainer.args.device
@@ -151,7 +153,6 @@ def main(script_args, training_args, arch_args, callbacks=None) -> dict:
                      f"MFU assumes a peak of {peak / 1e12:.2f} TFLOP/s per process ({peak_source})")
 
     # ------------------------------------------------------------------ train
-    resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
     train_result = trainer.train(resume_from_checkpoint=resume)
 
     # ------------------------------------------------------------------ eval

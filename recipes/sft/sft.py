@@ -86,6 +86,8 @@ def main(script_args, training_args, model_args, peft_args, callbacks=None) -> d
     trainer = SFTTrainer(model=model, args=training_args, train_dataset=train_dataset,
                          eval_dataset=test_dataset if training_args.eval_strategy != "no" else None,
                          processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
+    # a bad resume_from_checkpoint is refused before the finished run's manifest goes
+    resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
     if trainer.is_world_process_zero():
         mark_incomplete(training_args.output_dir)
     trainable, total = trainable_parameters(trainer.model)
@@ -93,7 +95,6 @@ def main(script_args, training_args, model_args, peft_args, callbacks=None) -> d
                   f"({100 * trainable / total:.2f}%)")
 
     # ------------------------------------------------------------------ train
-    resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
     keep_token_count_across_resume(trainer, resume)
     train_result = trainer.train(resume_from_checkpoint=resume)
 
