@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 from data_prep.artifacts import (
     UserError,
     atomic_output_dir,
-    refuse_overlap,
     build_manifest,
     file_fingerprint,
     fingerprint,
     parse_config,
+    refuse_overlap,
     run_cli,
     write_manifest,
 )
@@ -84,12 +84,10 @@ def build_corpus(args: CorpusArguments) -> dict:
             raise UserError(f"{key} must be >= 1 (or unset, for everything), got {getattr(args, key)}")
     if args.seed < 0:
         raise UserError(f"seed must be >= 0, got {args.seed}")
-    given = {"input_paths": args.input_paths, "hub_dataset": args.hub_dataset, "hub_config": args.hub_config,
-             "max_stdlib_files": args.max_stdlib_files}
-    read_by = {"input_paths": "local", "hub_dataset": "hub", "hub_config": "hub", "max_stdlib_files": "stdlib"}
-    for key, value in given.items():  # a forgotten --source would otherwise build the embedded corpus instead
-        if value and read_by[key] != args.source:
-            raise UserError(f"{key} is only read with --source {read_by[key]}, but source is {args.source}")
+    for key, source in (("input_paths", "local"), ("hub_dataset", "hub"), ("hub_config", "hub"),
+                        ("max_stdlib_files", "stdlib")):  # a forgotten --source would build another corpus
+        if getattr(args, key) and args.source != source:
+            raise UserError(f"{key} is only read with --source {source}, but source is {args.source}")
     refuse_overlap(args.output_dir, [("input", path) for path in args.input_paths]
                    + [("hub_dataset", args.hub_dataset if args.source == "hub" else None)])
     reader = make_reader(args)

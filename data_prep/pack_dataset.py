@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from data_prep.artifacts import (
     UserError,
     atomic_output_dir,
-    refuse_overlap,
     build_manifest,
     parse_config,
     read_manifest,
+    refuse_overlap,
     run_cli,
     write_manifest,
 )

@@ -139,7 +139,10 @@ def publish(staging_dir: str | Path, output_dir: str | Path, trainer=None) -> No
     if previous.is_file():  # the replaced run's final files that this run does not write again
         for name in set(json.loads(previous.read_text())) - {entry.name for entry in entries}:
             stale = output_dir / name
-            shutil.rmtree(stale) if stale.is_dir() and not stale.is_symlink() else stale.unlink(missing_ok=True)
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale)
+            else:
+                stale.unlink(missing_ok=True)
         previous.unlink()
     for entry in entries:
         target = output_dir / entry.name
