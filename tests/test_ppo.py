@@ -442,7 +442,7 @@ def test_non_finite_rewards_stop_the_run_and_long_prompts_are_truncated(tiny_sft
                                                                         tmp_path, monkeypatch):
     from recipes.rl import rewards
 
-    metrics = run_ppo(ppo_argv(tiny_sft, tiny_reward, tiny_chat_data, tmp_path / "short", "--max_prompt_tokens", "24",
+    metrics = run_ppo(ppo_argv(tiny_sft, tiny_reward, tiny_chat_data, tmp_path / "short", "--max_prompt_tokens", "32",
                                "--total_episodes", "8", "--dataset_test_split", "none"))
     assert metrics["prompts_truncated"] > 0  # counted and recorded in metrics.json
     assert json.loads((tmp_path / "short" / "metrics.json").read_text())["prompts_truncated"] == metrics["prompts_truncated"]
@@ -496,3 +496,168 @@ def test_iteration_benchmark_times_each_phase_of_ppo_and_grpo(tiny_sft, tiny_rew
     assert result["ratio"]["total"] == pytest.approx(result["seconds"]["ppo"]["total"] / result["seconds"]["grpo"]["total"])
     with pytest.raises(benchmark.UserError, match="--replies 6: must be even"):
         benchmark.main(["--replies", "6", "--num_generations", "4"])
+
+
+# ---------------------------------------------------------------------------- settings and inputs it refuses or honours
+@pytest.mark.parametrize("flag, value, message", [
+    ("per_device_train_batch_size", "0", "per_device_train_batch_size must be >= 1, got 0"),
+    ("gradient_accumulation_steps", "0", "gradient_accumulation_steps must be >= 1, got 0"),
+    ("num_mini_batches", "-1", "num_mini_batches must be >= 1, got -1"),  # hung in the prompt batches
+    ("num_ppo_epochs", "0", "num_ppo_epochs must be >= 1, got 0"),
+    ("response_length", "0", "response_length must be >= 1, got 0"),
+    ("temperature", "0", "temperature must be > 0, got 0.0"),
+    ("target_kl", "0", "target_kl must be > 0, got 0.0"),
+    ("kl_horizon", "0", "kl_horizon must be >= 1, got 0"),
+    ("total_episodes", "-8", "total_episodes must be >= 1, got -8"),
+    ("kl_coef", "-0.1", "kl_coef must be >= 0, got -0.1"),
+    ("cliprange", "-0.2", "cliprange must be >= 0, got -0.2"),
+    ("top_p", "1.5", "top_p must be <= 1, got 1.5"),
+    ("max_prompt_tokens", "0", "max_prompt_tokens must be >= 1, got 0"),
+    ("reward_model_clip", "0", "reward_model_clip must be > 0, got 0.0"),
+    ("save_strategy", "best", 'save_strategy: "best" needs a periodic evaluation, which PPO has not; use "steps" '
+                              'or "epoch"'),
+])
+def test_numbers_no_run_can_use_stop_while_parsing(flag, value, message):
+    from recipes.rl import ppo
+
+    with pytest.raises(UserError) as err:
+        ppo.parse_args(["--config", str(REPO_ROOT / "recipes/rl/ppo_tiny.yaml"), f"--{flag}", value])
+    assert str(err.value) == message
+
+
+def test_a_critic_or_reference_with_another_tokenizer_is_refused_before_training(tiny_sft, tiny_reward,
+                                                                                tiny_chat_data, tmp_path):
+    """The critic and the reference read the policy's token ids: another vocabulary gave an IndexError deep in
+    the rollout, or, when larger, a critic that read every token as a different one."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    other = tmp_path / "other_vocab"
+    shutil.copytree(tiny_reward, other)
+    tokenizer = AutoTokenizer.from_pretrained(other)
+    tokenizer.add_tokens(["<|extra|>"])
+    tokenizer.save_pretrained(other)
+    for flag in ("--value_model_path", "--ref_model_path"):
+        with pytest.raises(UserError) as err:
+            run_ppo(ppo_argv(tiny_sft, tiny_reward, tiny_chat_data, tmp_path / "run", flag, str(other)))
+        assert str(err.value).startswith(f"{flag[2:]}: {other} has another tokenizer than the policy {tiny_sft} (")
+    with pytest.raises(UserError, match=r"^reward_model_path \(the critic's default start\): "):
+        run_ppo(ppo_argv(tiny_sft, other, tiny_chat_data, tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+class StopAtTrainBegin(TrainerCallback):
+    """Records the dtypes of policy and critic as training begins, then stops the run."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.dtypes = (model.policy.dtype, model.value_model.dtype)
+        raise KeyboardInterrupt
+
+
+def test_model_dtype_and_attention_reach_policy_critic_and_reference(tiny_sft, tiny_reward, tiny_chat_data, tmp_path,
+                                                                     monkeypatch):
+    from recipes.rl import ppo_trainer
+
+    seen = {}
+    real_init = ppo_trainer.PPOTrainer.__init__
+
+    def recording_init(self, *args, **kwargs):
+        seen["reference"] = kwargs["ref_model"].dtype, kwargs["ref_model"].config._attn_implementation
+        seen["attention"] = kwargs["model"].config._attn_implementation
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(ppo_trainer.PPOTrainer, "__init__", recording_init)
+    stop = StopAtTrainBegin()
+    with pytest.raises(KeyboardInterrupt):
+        run_ppo(ppo_argv(tiny_sft, tiny_reward, tiny_chat_data, tmp_path / "run", "--dtype", "bfloat16",
+                         "--attn_implementation", "eager", "--dataset_test_split", "none"), callbacks=[stop])
+    assert stop.dtypes == (torch.bfloat16, torch.bfloat16)
+    assert seen == {"reference": (torch.bfloat16, "eager"), "attention": "eager"}
+
+
+def test_bf16_autocast_covers_the_reference_so_kl_is_zero_at_learning_rate_zero(tiny_sft, tiny_reward,
+                                                                                tiny_chat_data, tmp_path):
+    """With the reference outside autocast, bf16 rounding of the policy alone showed up as KL at lr 0."""
+    run_ppo(ppo_argv(tiny_sft, tiny_reward, tiny_chat_data, tmp_path / "bf16", "--learning_rate", "0", "--bf16",
+                     "true", "--use_cpu", "true", "--dataset_test_split", "none"))
+    assert [row["kl"] for row in _trainer_logs(tmp_path / "bf16")] == [0.0, 0.0]
+
+
+def _as_plain_text(load_prompts, test: str):
+    """load_prompts, with every prompt rendered to a string (a Hub set of plain-text prompts)."""
+    def loader(*args, **kwargs):
+        inputs, train, held_out = load_prompts(*args, **kwargs)
+        def to_text(row):
+            return {"prompt": "\n".join(m["content"] for m in row["prompt"])}
+        return inputs, train.map(to_text), held_out.map(to_text) if test == "text" else None
+    return loader
+
+
+def test_plain_text_prompts_train_as_they_stand_and_a_plain_text_held_out_split_is_refused(
+        tiny_sft, tiny_reward, tiny_chat_data, tmp_path, monkeypatch):
+    from recipes.rl import prompts, rewards
+
+    load_prompts = prompts.load_prompts
+    monkeypatch.setattr(prompts, "load_prompts", _as_plain_text(load_prompts, test="text"))
+    with pytest.raises(UserError, match=r"^PPO's held-out evaluation needs conversational prompts .* set "
+                                        r"dataset_test_split: none to skip the evaluation$"):
+        run_ppo(ppo_argv(tiny_sft, tiny_reward, tiny_chat_data, tmp_path / "refused"))
+    assert not (tmp_path / "refused").exists()
+
+    seen = []
+    real_correctness = rewards.correctness_reward
+
+    def recording_correctness(prompts, completions, **kwargs):
+        seen.append((prompts[0], completions[0]))
+        return real_correctness(prompts, completions, **kwargs)
+
+    monkeypatch.setattr(rewards, "correctness_reward", recording_correctness)
+    monkeypatch.setattr(prompts, "load_prompts", _as_plain_text(load_prompts, test="none"))
+    run_ppo(ppo_argv(tiny_sft, tiny_reward, tiny_chat_data, tmp_path / "text"))
+    assert seen and all(isinstance(p, str) and isinstance(c, str) for p, c in seen)  # TRL's non-chat shapes
+    assert all(row["reward"] == row["reward"] for row in _trainer_logs(tmp_path / "text"))
+
+
+def test_logging_and_save_strategies_are_read_as_trainer_reads_them(tiny_sft, tiny_reward, tiny_chat_data, tmp_path):
+    """20 prompts in rollout batches of 8: a pass over the prompts ("epoch") is 2 full batches, 2 updates."""
+    out = tmp_path / "shares"
+    run_ppo(ppo_argv(tiny_sft, tiny_reward, tiny_chat_data, out, "--max_steps", "6", "--logging_steps", "0.5",
+                     "--save_strategy", "epoch", "--dataset_test_split", "none"))
+    assert [row["step"] for row in _trainer_logs(out)] == [1, 3, 6]  # half of 6 updates, and the first
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    run_ppo(ppo_argv(tiny_sft, tiny_reward, tiny_chat_data, tmp_path / "epoch", "--max_steps", "5",
+                     "--logging_strategy", "epoch", "--dataset_test_split", "none"))
+    assert [row["step"] for row in _trainer_logs(tmp_path / "epoch")] == [1, 2, 4, 5]
+    run_ppo(ppo_argv(tiny_sft, tiny_reward, tiny_chat_data, tmp_path / "quiet", "--logging_strategy", "no",
+                     "--dataset_test_split", "none"))
+    assert _trainer_logs(tmp_path / "quiet") == []
+
+
+class FirstRollout(Exception):
+    pass
+
+
+def test_data_seed_orders_the_prompts_as_in_trainer(tiny_sft, tiny_reward, tiny_chat_data, tmp_path, monkeypatch):
+    def first_prompts(*extra):
+        def stop(self, batch, rows):
+            raise FirstRollout([json.dumps(r["prompt"]) for r in rows])
+        monkeypatch.setattr(PPOTrainer, "_rollout", stop)
+        with pytest.raises(FirstRollout) as caught:
+            run_ppo(ppo_argv(tiny_sft, tiny_reward, tiny_chat_data, tmp_path / "order", "--dataset_test_split",
+                             "none", *extra))
+        return caught.value.args[0]
+
+    by_seed = first_prompts("--seed", "3")
+    assert first_prompts("--seed", "3", "--data_seed", "3") == by_seed
+    assert first_prompts("--seed", "3", "--data_seed", "4") != by_seed
+
+
+def test_adaptive_kl_logs_the_coefficient_each_update_was_shaped_with(tiny_sft, tiny_reward, tiny_chat_data,
+                                                                      tmp_path):
+    metrics = run_ppo(ppo_argv(tiny_sft, tiny_reward, tiny_chat_data, tmp_path / "adaptive", "--adaptive_kl", "true",
+                               "--target_kl", "0.01", "--kl_horizon", "16", "--dataset_test_split", "none"))
+    logs = _trainer_logs(tmp_path / "adaptive")
+    assert logs[0]["kl_coef"] == 0.05 and logs[1]["kl_coef"] != 0.05 and metrics["final_kl_coef"] != logs[1]["kl_coef"]
+    for row in logs:
+        assert row["objective/non_score_reward"] == pytest.approx(-row["kl_coef"] * row["kl"], rel=1e-5, abs=1e-9)

@@ -128,6 +128,21 @@ def test_long_prompts_lose_their_oldest_turns_and_are_counted(tiny_sft):
     assert kept[0] == long[0] and kept[-1] == long[-1] and len(kept) < len(long) and kept[1]["role"] == "user"
     rendered = tokenizer.apply_chat_template(kept, tokenize=True, add_generation_prompt=True, return_dict=True)
     assert len(rendered["input_ids"]) <= 40
+    # every prompt counted as truncated fits, plain text included; one that cannot fit is refused by row
+    text = " ".join(f"word{i}" for i in range(200))
+    out, count = truncate_prompts(Dataset.from_list([{"prompt": text}]), tokenizer, 7)
+    assert count == 1 and len(tokenizer(out[0]["prompt"], add_special_tokens=False)["input_ids"]) <= 7
+    assert out[0]["prompt"].endswith("word199")
+    limit = len(tokenizer.apply_chat_template([{"role": "user", "content": "x"}], add_generation_prompt=True,
+                                              return_dict=True)["input_ids"]) + 2
+    out, count = truncate_prompts(Dataset.from_list([{"prompt": [{"role": "user", "content": text}]}]), tokenizer, limit)
+    rendered = tokenizer.apply_chat_template(out[0]["prompt"], add_generation_prompt=True, return_dict=True)
+    assert count == 1 and len(rendered["input_ids"]) <= limit and out[0]["prompt"][0]["content"].endswith("199")
+    wordy_system = [{"role": "system", "content": text}, {"role": "user", "content": "Sort: 3 1 2"}]
+    with pytest.raises(UserError) as err:
+        truncate_prompts(Dataset.from_list([{"prompt": USER}, {"prompt": wordy_system}]), tokenizer, 40)
+    assert str(err.value) == ("max_prompt_tokens 40: prompt row 1 cannot be cut to fit (its system message and chat "
+                              "template alone are longer); raise max_prompt_tokens or drop the row")
 
 
 # ----------------------------------------------------------------------------- KL
@@ -434,6 +449,7 @@ def test_reference_curves_draw_dashed_under_the_run_and_bad_files_stop_with_one_
             load_reference_curves(str(tmp_path / name))
         assert "\n" not in str(err.value)
     assert load_reference_curves(None) is None
+    assert load_reference_curves("null") is None and load_reference_curves("none") is None  # as the CLI passes them
 
 
 TINY_RL_YAMLS = [REPO_ROOT / f"recipes/rl/{m}_tiny.yaml" for m in ("ppo", "grpo", "rloo", "dpo")] + [
@@ -481,6 +497,40 @@ def test_rl_yaml_parses_and_sets_beta_explicitly(path):
     if path.name.endswith("_tiny.yaml"):
         assert model_args.model_name_or_path == "outputs/sft_tiny" and not training_args.activation_checkpointing
         assert script_args.reward_model_path == "outputs/reward_tiny"
+
+
+@pytest.mark.parametrize("method", ["grpo", "rloo"])
+@pytest.mark.parametrize("flag, value, message", [
+    ("num_generations", "0", "num_generations must be >= 2 (each reply's advantage is measured against the other "
+                             "replies to its prompt), got 0"),  # TRL's own check divided by it first
+    ("max_completion_length", "0", "max_completion_length must be >= 1, got 0"),
+    ("per_device_train_batch_size", "0", "per_device_train_batch_size must be >= 1, got 0"),
+    ("temperature", "0", "temperature must be > 0, got 0.0"),
+    ("eval_max_new_tokens", "0", "eval_max_new_tokens must be >= 1, got 0"),  # failed after training
+    ("eval_strategy", "steps", 'eval_strategy: this recipe evaluates the held-out prompts before and after training '
+                               '(eval_policy); set it to "no" (got "steps")'),
+])
+def test_online_numbers_no_run_can_use_stop_while_parsing(method, flag, value, message):
+    module = {"grpo": grpo, "rloo": rloo}[method]
+    with pytest.raises(UserError) as err:
+        module.parse_args(["--config", str(REPO_ROOT / f"recipes/rl/{method}_tiny.yaml"), f"--{flag}", value])
+    assert str(err.value) == message
+
+
+def test_online_recipe_refuses_plain_text_held_out_prompts_before_training(tiny_sft, tiny_reward, tiny_chat_data,
+                                                                          tmp_path, monkeypatch):
+    from recipes.rl import prompts
+
+    load_prompts = prompts.load_prompts
+
+    def plain_text_held_out(*args, **kwargs):
+        inputs, train, held_out = load_prompts(*args, **kwargs)
+        return inputs, train, held_out.map(lambda row: {"prompt": row["prompt"][-1]["content"]})
+
+    monkeypatch.setattr(prompts, "load_prompts", plain_text_held_out)
+    with pytest.raises(UserError, match="^eval_policy needs conversational prompts"):
+        run(grpo, online_argv("grpo", tiny_sft, tiny_reward, tiny_chat_data, tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("method", ["grpo", "rloo", "dpo"])

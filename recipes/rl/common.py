@@ -63,13 +63,63 @@ class PromptArguments(RLShapingArguments, ReferenceCurveArguments):
     eval_batch_size: int = field(default=64)
 
     def __post_init__(self):
-        check_batch_size("eval_batch_size", self.eval_batch_size)
+        check_settings(self, at_least_1=("eval_batch_size", "eval_max_new_tokens", "eval_max_samples",
+                                         "max_train_prompts", "max_prompt_tokens"), positive=("reward_model_clip",))
 
 
 def check_batch_size(key: str, value: int) -> None:
     """Refuse a batch size below 1 up front: it would otherwise fail after training, in the evaluation."""
     if value < 1:
         raise UserError(f"{key} must be >= 1, got {value}")
+
+
+def check_settings(config, at_least_1=(), positive=(), non_negative=(), at_most_1=()) -> None:
+    """Refuse numbers no run can use while the settings are parsed, before any model loads, in one line
+    naming the key (a zero batch size or temperature otherwise fails mid-run with a ZeroDivisionError, a
+    NaN or a hang). A key set to None (optional, unset) is not checked."""
+    rules = [(at_least_1, lambda v: v >= 1, ">= 1"), (positive, lambda v: v > 0, "> 0"),
+             (non_negative, lambda v: v >= 0, ">= 0"), (at_most_1, lambda v: v <= 1, "<= 1")]
+    for keys, holds, wanted in rules:
+        for key in keys:
+            value = getattr(config, key)
+            if value is not None and not holds(value):
+                raise UserError(f"{key} must be {wanted}, got {value}")
+
+
+class OnlineRLChecks:
+    """Mixed into TRL's GRPOConfig and RLOOConfig (recipes/rl/grpo.py, rloo.py): their numbers are checked
+    before TRL's own __post_init__ (which divides by num_generations), and periodic evaluation is refused:
+    the recipe evaluates the held-out prompts before and after training (eval_policy) and gives the trainer
+    no eval_dataset, so Trainer would stop at the first evaluation with a traceback."""
+
+    def __post_init__(self):
+        check_settings(self, at_least_1=("per_device_train_batch_size", "gradient_accumulation_steps",
+                                         "max_completion_length", "num_iterations"),
+                       positive=("temperature",), non_negative=("beta", "learning_rate"))
+        if self.num_generations is not None and self.num_generations < 2:
+            raise UserError(f"num_generations must be >= 2 (each reply's advantage is measured against the other "
+                            f"replies to its prompt), got {self.num_generations}")
+        strategy = getattr(self.eval_strategy, "value", self.eval_strategy)
+        if strategy != "no":
+            raise UserError(f"eval_strategy: this recipe evaluates the held-out prompts before and after training "
+                            f"(eval_policy); set it to \"no\" (got \"{strategy}\")")
+        super().__post_init__()
+
+
+def model_load_kwargs(model_args) -> dict:
+    """ModelConfig's `dtype` and `attn_implementation` as from_pretrained keyword arguments."""
+    import torch
+
+    dtype = model_args.dtype
+    return {"attn_implementation": model_args.attn_implementation,
+            "dtype": getattr(torch, dtype) if dtype not in (None, "auto") else "auto"}
+
+
+def require_conversational(prompts, what: str) -> None:
+    """The held-out evaluation renders prompts with the chat template: plain-text prompts are refused."""
+    if prompts is not None and any(isinstance(p, str) for p in prompts["prompt"]):
+        raise UserError(f"{what} needs conversational prompts (lists of messages), and the held-out split has "
+                        "plain-text prompts; set dataset_test_split: none to skip the evaluation")
 
 
 def load_policy(model_args, trust_remote_code: bool = False):
@@ -80,11 +130,9 @@ def load_policy(model_args, trust_remote_code: bool = False):
 
     from recipes.eval.generation import stop_token_ids
 
-    model_path, dtype = model_args.model_name_or_path, model_args.dtype
-    model, tokenizer, parent = load_pretrained(
-        model_path, AutoModelForCausalLM, trust_remote_code=trust_remote_code,
-        attn_implementation=model_args.attn_implementation,
-        dtype=getattr(torch, dtype) if dtype not in (None, "auto") else "auto")
+    model_path = model_args.model_name_or_path
+    model, tokenizer, parent = load_pretrained(model_path, AutoModelForCausalLM, trust_remote_code=trust_remote_code,
+                                               **model_load_kwargs(model_args))
     if not tokenizer.chat_template:
         raise UserError(f"{model_path}: the tokenizer has no chat template (RL starts from a chat model)")
     # TRL's trainers stop at every id in generation_config.eos_token_id plus the tokenizer's eos
@@ -105,8 +153,7 @@ def evaluate_saved_policy(model_path: str, reference_path: str, prompts, scorer,
     if scorer is None:
         raise UserError("eval_policy scores the held-out replies with the reward model: set reward_model_path, "
                         "or eval_policy: false")
-    if any(isinstance(p, str) for p in prompts["prompt"]):
-        raise UserError("eval_policy needs conversational prompts (lists of messages); set eval_policy: false")
+    require_conversational(prompts, "eval_policy")
     with no_zero3_init():
         policy, tokenizer, _ = load_pretrained(model_path, AutoModelForCausalLM, trust_remote_code=trust_remote_code)
         if model_path == reference_path:  # the starting point: its KL to itself is 0 by definition, not measured
@@ -162,7 +209,7 @@ def without_repeated_reward(series: dict) -> dict:
 
 def load_reference_curves(path: str | None) -> dict | None:
     """The rl_curves.json at `path` (see ReferenceCurveArguments), checked; None when path is None."""
-    if not path:
+    if not path or path.lower() in ("none", "null"):  # on the command line, null arrives as a string
         return None
     candidates = [Path(path)] if Path(path).is_absolute() else [Path(path), REPO / path]
     found = next((c for c in candidates if c.is_file()), None)

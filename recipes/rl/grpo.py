@@ -21,16 +21,22 @@ written last. recipes/rl/rloo.py runs this same `main` with TRL's RLOOTrainer.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
-from trl import GRPOConfig, ModelConfig
+import trl
+from trl import ModelConfig
 
 from data_prep.artifacts import UserError, parse_config, run_cli
 from recipes.common import (fused_head_on_labelled_positions_only, mark_incomplete, resolve_resume, save_trained,
                             training_summary, with_cpu_process_group)
 from recipes.peft_methods import PeftMethodArguments, build_peft_config, trainable_parameters
-from recipes.rl.common import (PromptArguments, evaluate_saved_policy, finish_run, load_policy, load_reference_curves,
-                              summary_line)
+from recipes.rl.common import (OnlineRLChecks, PromptArguments, evaluate_saved_policy, finish_run, load_policy,
+                              load_reference_curves, require_conversational, summary_line)
+
+
+@dataclass
+class GRPOConfig(OnlineRLChecks, trl.GRPOConfig):
+    """TRL's GRPOConfig; nonsense numbers and periodic evaluation are refused while it is parsed."""
 
 
 # What differs between the online methods: the trainer, and the settings the manifest records.
@@ -41,7 +47,6 @@ METHODS = {
 
 
 def main(script_args, training_args, model_args, peft_args, callbacks=None, method: str = "grpo") -> dict:
-    import trl
     from transformers import set_seed
 
     from recipes.rl.prompts import load_prompts, truncate_prompts
@@ -58,6 +63,8 @@ def main(script_args, training_args, model_args, peft_args, callbacks=None, meth
     if script_args.eval_policy and test_prompts is not None and not script_args.reward_model_path:
         raise UserError("eval_policy scores the held-out replies with the reward model: set reward_model_path, "
                         "or eval_policy: false")
+    if script_args.eval_policy:
+        require_conversational(test_prompts, "eval_policy")
 
     # ------------------------------------------------------------------ model
     set_seed(training_args.seed)

@@ -29,12 +29,12 @@ from pathlib import Path
 
 from trl import ModelConfig
 
-from data_prep.artifacts import parse_config, run_cli
+from data_prep.artifacts import UserError, parse_config, run_cli
 from recipes.common import (load_pretrained, mark_incomplete, no_zero3_init, resolve_resume, training_summary,
                             with_cpu_process_group)
 from recipes.peft_methods import PeftMethodArguments, build_peft_config, trainable_parameters
-from recipes.rl.common import (ReferenceCurveArguments, RLShapingArguments, finish_run, load_reference_curves,
-                              summary_line)
+from recipes.rl.common import (ReferenceCurveArguments, RLShapingArguments, check_settings, finish_run,
+                              load_reference_curves, model_load_kwargs, require_conversational, summary_line)
 from recipes.rl.ppo_trainer import PPO_STATE_NAME, PPOConfig
 
 
@@ -54,6 +54,10 @@ class ScriptArguments(RLShapingArguments, ReferenceCurveArguments):
     correctness_reward: bool = field(default=False, metadata={"help": "Add the rule-based exact-match reward (weights: reward_weights)."})
     eval_max_samples: int | None = field(default=None, metadata={"help": "Held-out prompts to evaluate before and after."})
 
+    def __post_init__(self):
+        check_settings(self, at_least_1=("max_prompts", "max_prompt_tokens", "eval_max_samples"),
+                       positive=("reward_model_clip",))
+
 
 def main(script_args, training_args, model_args, peft_args, callbacks=None) -> dict:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, set_seed
@@ -71,18 +75,22 @@ def main(script_args, training_args, model_args, peft_args, callbacks=None) -> d
         script_args.dataset_path, script_args.dataset_train_split, script_args.dataset_test_split,
         script_args.dataset_name, script_args.dataset_config, script_args.max_prompts, script_args.eval_max_samples,
         script_args.train_tasks)
+    require_conversational(test_prompts, "PPO's held-out evaluation")
 
     # ------------------------------------------------------------------ models
     # Policy and critic are built after the training arguments, so that ZeRO-3 partitions them; the frozen
     # reference and reward model are whole copies on every process.
     set_seed(training_args.seed)
     policy_path = model_args.model_name_or_path
-    trust = training_args.trust_remote_code
-    policy, tokenizer, parent = load_pretrained(policy_path, AutoModelForCausalLM, trust_remote_code=trust)
+    trust, load_kwargs = training_args.trust_remote_code, model_load_kwargs(model_args)
+    policy, tokenizer, parent = load_pretrained(policy_path, AutoModelForCausalLM, trust_remote_code=trust,
+                                                **load_kwargs)
     train_prompts, truncated = truncate_prompts(train_prompts, tokenizer, script_args.max_prompt_tokens)
     value_path = script_args.value_model_path or script_args.reward_model_path
-    value_model, _, _ = load_pretrained(value_path, AutoModelForSequenceClassification, trust_remote_code=trust,
-                                        num_labels=1)
+    value_model, value_tokenizer, _ = load_pretrained(value_path, AutoModelForSequenceClassification,
+                                                      trust_remote_code=trust, num_labels=1, **load_kwargs)
+    _require_policy_tokenizer("value_model_path" if script_args.value_model_path else "reward_model_path (the critic's "
+                              "default start)", value_path, value_tokenizer, policy_path, tokenizer)
     peft_config = build_peft_config(model_args, peft_args, policy)
     with no_zero3_init():
         reward_funcs = build_reward_funcs(script_args.reward_model_path, script_args.correctness_reward,
@@ -90,8 +98,10 @@ def main(script_args, training_args, model_args, peft_args, callbacks=None) -> d
                                           script_args.reward_model_clip)
         ref_model = None
         if peft_config is None:
-            ref_model, _, _ = load_pretrained(script_args.ref_model_path or policy_path, AutoModelForCausalLM,
-                                              trust_remote_code=trust)
+            ref_path = script_args.ref_model_path or policy_path
+            ref_model, ref_tokenizer, _ = load_pretrained(ref_path, AutoModelForCausalLM, trust_remote_code=trust,
+                                                          **load_kwargs)
+            _require_policy_tokenizer("ref_model_path", ref_path, ref_tokenizer, policy_path, tokenizer)
     if peft_config is not None:
         from peft import get_peft_model
 
@@ -119,7 +129,8 @@ def main(script_args, training_args, model_args, peft_args, callbacks=None) -> d
     metrics: dict = {"trainable_params": trainable, "total_params": total, "prompts_truncated": truncated}
     if test_prompts is not None and scorer is not None and trainer.is_world_process_zero():
         with no_zero3_init():
-            start_policy, _, _ = load_pretrained(policy_path, AutoModelForCausalLM, trust_remote_code=trust)
+            start_policy, _, _ = load_pretrained(policy_path, AutoModelForCausalLM, trust_remote_code=trust,
+                                                 **load_kwargs)
         metrics["before"] = _evaluate(start_policy, tokenizer, test_prompts, scorer, None, training_args, measure_kl=False)
         metrics["before"]["kl_per_sequence"] = 0.0  # the starting policy is the reference
         del start_policy
@@ -137,7 +148,8 @@ def main(script_args, training_args, model_args, peft_args, callbacks=None) -> d
         # -------------------------------------------------------------- eval after
         if "before" in metrics:
             with no_zero3_init():
-                trained, _, _ = load_pretrained(str(staging), AutoModelForCausalLM, trust_remote_code=trust)
+                trained, _, _ = load_pretrained(str(staging), AutoModelForCausalLM, trust_remote_code=trust,
+                                                **load_kwargs)
             metrics["after"] = _evaluate(trained, tokenizer, test_prompts, scorer, ref_model, training_args)
             _log(trainer, summary_line(metrics["before"], metrics["after"]))
         metrics["wall_time_s"] = round(time.time() - started, 1)
@@ -161,6 +173,15 @@ PPO_KEYS = ("total_episodes", "num_ppo_epochs", "num_mini_batches", "response_le
             "kl_coef", "adaptive_kl", "target_kl", "cliprange", "cliprange_value", "vf_coef", "gamma", "lam",
             "critic_warmup_updates", "critic_learning_rate", "clip_critic_separately", "value_head_init",
             "missing_eos_penalty", "reward_weights")
+
+
+def _require_policy_tokenizer(key: str, path: str, tokenizer, policy_path: str, policy_tokenizer) -> None:
+    """The critic and the reference read the policy's token ids, so they must share its vocabulary (the
+    reward model need not: it re-reads the decoded text with its own tokenizer)."""
+    if tokenizer.get_vocab() != policy_tokenizer.get_vocab():
+        raise UserError(f"{key}: {path} has another tokenizer than the policy {policy_path} ({len(tokenizer)} vs "
+                        f"{len(policy_tokenizer)} tokens), and it reads the policy's token ids; give a model "
+                        "trained from the policy's tokenizer (e.g. a reward model trained from the same SFT model)")
 
 
 def _evaluate(policy, tokenizer, prompts, scorer, reference, args, measure_kl: bool = True) -> dict:

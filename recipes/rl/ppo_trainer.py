@@ -34,7 +34,7 @@ from torch import nn
 from transformers import GenerationConfig, Trainer, TrainingArguments
 
 from data_prep.artifacts import UserError
-from recipes.rl.common import check_batch_size
+from recipes.rl.common import check_settings
 from recipes.rl.kl import position_ids_of
 
 
@@ -83,6 +83,19 @@ class PPOConfig(TrainingArguments):
     trust_remote_code: bool = field(default=False, metadata={"help": "Run model code from the Hub (off: safer)."})
     reward_weights: list[float] | None = field(default=None, metadata={
         "help": "Weights of the reward functions in the score (default: all 1)."})
+
+    def __post_init__(self):
+        check_settings(self, at_least_1=("per_device_train_batch_size", "gradient_accumulation_steps",
+                                         "num_mini_batches", "num_ppo_epochs", "local_rollout_forward_batch_size",
+                                         "response_length", "total_episodes", "kl_horizon"),
+                       positive=("temperature", "top_p", "target_kl"),
+                       non_negative=("kl_coef", "cliprange", "cliprange_value", "vf_coef", "gamma", "lam",
+                                     "critic_warmup_updates", "critic_learning_rate", "learning_rate"),
+                       at_most_1=("top_p", "gamma", "lam"))
+        if getattr(self.save_strategy, "value", self.save_strategy) == "best":
+            raise UserError("save_strategy: \"best\" needs a periodic evaluation, which PPO has not; use \"steps\" "
+                            "or \"epoch\"")
+        super().__post_init__()
 
 
 # ---------------------------------------------------------------------------- pure pieces
@@ -247,7 +260,7 @@ def _reply_logprobs(reply_logits: torch.Tensor, responses: torch.Tensor, tempera
 
 def _reference_logits(model, input_ids, attention_mask, position_ids, response_length: int):
     return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
-                 logits_to_keep=response_length + 1).logits[:, :-1]
+                 logits_to_keep=response_length + 1).logits[:, :-1].float()
 
 
 def _without_shared_tensors(state_dict: dict) -> dict:
@@ -291,7 +304,6 @@ class PPOTrainer(Trainer):
 
     def __init__(self, args: PPOConfig, processing_class, model, ref_model, value_model, reward_funcs: list[Callable],
                  train_dataset, callbacks=None):
-        check_batch_size("local_rollout_forward_batch_size", args.local_rollout_forward_batch_size)
         if args.eval_strategy != "no":  # the PPO loop has no periodic evaluation; never ignore the setting silently
             raise UserError(f"eval_strategy: PPO evaluates the held-out prompts before and after training only; "
                             f"set it to \"no\" (got \"{args.eval_strategy.value}\")")
@@ -333,6 +345,9 @@ class PPOTrainer(Trainer):
         if len(train_dataset) < self.rollout_batch_size * self.world_size:
             raise UserError(f"PPO: {len(train_dataset)} prompts is fewer than one rollout batch "
                             f"({self.rollout_batch_size} x {self.world_size} processes)")
+        # full rollout batches of the smallest process share: what one pass of _prompt_batches yields
+        self.updates_per_epoch = max(1, len(train_dataset) // self.world_size // self.rollout_batch_size)
+        self._data_seed = args.seed if args.data_seed is None else args.data_seed  # Trainer's rule
 
     def create_optimizer(self, model=None):
         """The Trainer's optimizer, with the critic's parameters in groups of their own at
@@ -363,7 +378,7 @@ class PPOTrainer(Trainer):
         `skip` batches (those a resumed run has already rolled out) are passed over untouched."""
         shard = self.train_dataset.shard(num_shards=self.world_size, index=self.accelerator.process_index)
         tokenizer = self.processing_class
-        generator = torch.Generator().manual_seed(self.args.seed)
+        generator = torch.Generator().manual_seed(self._data_seed)
         while True:
             order = torch.randperm(len(shard), generator=generator).tolist()
             for start in range(0, len(order) - self.rollout_batch_size + 1, self.rollout_batch_size):
@@ -371,7 +386,9 @@ class PPOTrainer(Trainer):
                     skip -= 1
                     continue
                 rows = [shard[i] for i in order[start:start + self.rollout_batch_size]]
-                texts = [tokenizer.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True)
+                # a plain-text prompt is the policy's input as it stands, as in TRL's trainers
+                texts = [r["prompt"] if isinstance(r["prompt"], str) else
+                         tokenizer.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True)
                          for r in rows]
                 saved_side, tokenizer.padding_side = tokenizer.padding_side, "left"
                 batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
@@ -428,18 +445,22 @@ class PPOTrainer(Trainer):
                 logits, value = unwrapped(ids, att, pos, response_length)
                 logprobs.append(_reply_logprobs(logits, responses[part], args.temperature)[0])
                 values.append(value)
-                if self.uses_adapter:
-                    with unwrapped.policy.disable_adapter():
-                        ref_logits = _reference_logits(unwrapped.policy, ids, att, pos, response_length)
-                else:
-                    ref_logits = _reference_logits(self.ref_model, ids, att, pos, response_length)
+                # The wrapper's forward runs under the mixed-precision autocast that accelerate gave it, and its
+                # outputs come back in float32; the reference must match both, or bf16/fp16 rounding alone would
+                # show up as KL.
+                with self.accelerator.autocast():
+                    if self.uses_adapter:
+                        with unwrapped.policy.disable_adapter():
+                            ref_logits = _reference_logits(unwrapped.policy, ids, att, pos, response_length)
+                    else:
+                        ref_logits = _reference_logits(self.ref_model, ids, att, pos, response_length)
                 ref_logprobs.append(_reply_logprobs(ref_logits, responses[part], args.temperature)[0])
             unwrapped.train()
 
         texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
         texts = [t.strip() for t in texts]
         prompts = [r["prompt"] for r in rows]
-        completions = [[{"role": "assistant", "content": t}] for t in texts]
+        completions = [t if isinstance(p, str) else [{"role": "assistant", "content": t}] for p, t in zip(prompts, texts)]
         columns = {k: [r[k] for r in rows] for k in rows[0] if k != "prompt"}
         scores = torch.zeros(len(rows), device=responses.device)
         per_func = {}
@@ -485,7 +506,8 @@ class PPOTrainer(Trainer):
             done = self._restore_loop_state(checkpoint, ppo_state)
         self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
         batches = self._prompt_batches(skip=done)
-        save_every = self._save_every()
+        save_every = self._every(args.save_strategy, args.save_steps)
+        log_every = self._every(args.logging_strategy, args.logging_steps)
         started = time.time()
         for update in range(done + 1, self.num_updates + 1):
             batch, rows = next(batches)
@@ -505,12 +527,13 @@ class PPOTrainer(Trainer):
             timing["train"] = time.perf_counter() - optimize_started
 
             kl_per_sequence = kl.sum(dim=1)
+            kl_coef = self.kl_controller.value  # the coefficient this update's rewards were shaped with
             self.kl_controller.update(self._mean(kl_per_sequence), self.rollout_batch_size * self.world_size)
             self.state.global_step = update
             self.state.epoch = update * self.rollout_batch_size * self.world_size / len(self.train_dataset)
             self.lr_scheduler.step()
-            if update % args.logging_steps == 0 or update in (1, self.num_updates):
-                non_score = -self.kl_controller.value * kl_per_sequence
+            if log_every and (update % log_every == 0 or update in (1, self.num_updates)):
+                non_score = -kl_coef * kl_per_sequence
                 per_func = {f"rewards/{name}/mean": self._mean(v) for name, v in rollout["per_func"].items()}
                 self.log({
                     "reward": per_func.get("rewards/reward_model/mean", self._mean(rollout["scores"])), **per_func,
@@ -522,7 +545,7 @@ class PPOTrainer(Trainer):
                     "approxkl": stats["approxkl"], "ratio": stats["ratio"],
                     **{key: value for key, value in stats.items() if key.startswith("grad_norm/")},
                     "response_length": self._mean(mask.sum(dim=1)), "eos_rate": self._mean(rollout["ended"]),
-                    "kl_coef": self.kl_controller.value, "learning_rate": self.lr_scheduler.get_last_lr()[0],
+                    "kl_coef": kl_coef, "learning_rate": self.lr_scheduler.get_last_lr()[0],
                     "episode": update * self.rollout_batch_size * self.world_size,
                     **{f"time/{phase}_s": round(seconds, 3) for phase, seconds in timing.items()},
                     "elapsed_s": round(time.time() - started, 1)})
@@ -533,11 +556,15 @@ class PPOTrainer(Trainer):
         return self.state
 
     # ------------------------------------------------------------------ checkpoints
-    def _save_every(self) -> int | None:
-        """Updates between checkpoints (`save_strategy: steps`; a `save_steps` below 1 is a share of the run)."""
-        if self.args.save_strategy != "steps":
+    def _every(self, strategy, steps: float) -> int | None:
+        """Updates between two logs or checkpoints, as Trainer reads `logging_strategy`/`save_strategy`: "steps"
+        every `steps` updates (below 1: that share of the run), "epoch" once per pass over the prompts, "no"
+        never."""
+        strategy = getattr(strategy, "value", strategy)
+        if strategy == "epoch":
+            return self.updates_per_epoch
+        if strategy != "steps":
             return None
-        steps = self.args.save_steps
         return max(1, math.ceil(self.num_updates * steps) if steps < 1 else int(steps))
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
@@ -553,7 +580,7 @@ class PPOTrainer(Trainer):
             folder = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
             state = {"update": self.state.global_step, "kl_coef": self.kl_controller.value,
                      "rollouts_per_update": self.rollout_batch_size * self.world_size,
-                     "prompts": len(self.train_dataset), "seed": self.args.seed}
+                     "prompts": len(self.train_dataset), "seed": self.args.seed, "data_seed": self.args.data_seed}
             with open(os.path.join(folder, PPO_STATE_NAME + ".tmp"), "w") as f:
                 json.dump(state, f, indent=2)
             os.replace(os.path.join(folder, PPO_STATE_NAME + ".tmp"), os.path.join(folder, PPO_STATE_NAME))
@@ -570,7 +597,7 @@ class PPOTrainer(Trainer):
             raise UserError(f"{path}: not valid JSON (line {error.lineno})") from None
         # The prompt order is replayed from the seed: it must be the same order, in the same batches.
         now = {"rollouts_per_update": self.rollout_batch_size * self.world_size, "prompts": len(self.train_dataset),
-               "seed": self.args.seed}
+               "seed": self.args.seed, "data_seed": self.args.data_seed}
         for key, value in now.items():
             if state.get(key) != value:
                 raise UserError(f"{path}: {key} was {state.get(key)} in the checkpointed run and is {value} now; "

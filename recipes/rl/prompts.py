@@ -121,7 +121,8 @@ def truncate_prompts(dataset, tokenizer, max_prompt_tokens: int | None):
     """(dataset, how many prompts were shortened) so that every rendered prompt fits max_prompt_tokens.
 
     A conversation loses its oldest turns first (the system message stays); a single message that is
-    still too long, or a plain-text prompt, keeps its last tokens.
+    still too long, or a plain-text prompt, keeps its last tokens. A prompt that cannot fit even then
+    (its system message and chat template alone are too long) is refused, naming its row.
     """
     if not max_prompt_tokens:
         return dataset, 0
@@ -131,35 +132,47 @@ def truncate_prompts(dataset, tokenizer, max_prompt_tokens: int | None):
             return len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
         return len(tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"])
 
-    def keep_tail(text: str, n_tokens: int) -> str:
+    def fit_tail(text: str, rebuild):
+        """rebuild(the last n tokens of text) for the largest n that fits. Decoding and re-encoding can
+        merge tokens differently, so each try is measured, not assumed."""
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        return tokenizer.decode(ids[-max(n_tokens, 1):])
+        keep = len(ids) - (length(rebuild(text)) - max_prompt_tokens)
+        while keep >= 1:
+            candidate = rebuild(tokenizer.decode(ids[-keep:]))
+            over = length(candidate) - max_prompt_tokens
+            if over <= 0:
+                return candidate
+            keep -= over
+        return None
 
     count = 0
 
-    def shorten(row):
+    def shorten(index: int, row):
         nonlocal count
         prompt = row["prompt"]
         if length(prompt) <= max_prompt_tokens:
             return row
         count += 1
         if isinstance(prompt, str):
-            return {**row, "prompt": keep_tail(prompt, max_prompt_tokens)}
-        system = [m for m in prompt[:1] if m["role"] == "system"]
-        rest = prompt[len(system):]
-        while len(rest) > 1 and length(system + rest) > max_prompt_tokens:
-            rest = rest[1:]
-            while len(rest) > 1 and rest[0]["role"] != "user":
+            fitted = fit_tail(prompt, lambda text: text)
+        else:
+            system = [m for m in prompt[:1] if m["role"] == "system"]
+            rest = prompt[len(system):]
+            while len(rest) > 1 and length(system + rest) > max_prompt_tokens:
                 rest = rest[1:]
-        prompt = system + rest
-        excess = length(prompt) - max_prompt_tokens
-        if excess > 0:
-            last = prompt[-1]
-            n = len(tokenizer(last["content"], add_special_tokens=False)["input_ids"])
-            prompt = prompt[:-1] + [{**last, "content": keep_tail(last["content"], n - excess)}]
-        return {**row, "prompt": prompt}
+                while len(rest) > 1 and rest[0]["role"] != "user":
+                    rest = rest[1:]
+            fitted = system + rest
+            if length(fitted) > max_prompt_tokens:
+                head, last = fitted[:-1], fitted[-1]
+                fitted = fit_tail(last["content"], lambda text: head + [{**last, "content": text}])
+        if fitted is None:
+            raise UserError(f"max_prompt_tokens {max_prompt_tokens}: prompt row {index} cannot be cut to fit (its "
+                            "system message and chat template alone are longer); raise max_prompt_tokens or drop "
+                            "the row")
+        return {**row, "prompt": fitted}
 
-    rows = [shorten(row) for row in dataset]
+    rows = [shorten(index, row) for index, row in enumerate(dataset)]
     from datasets import Dataset
 
     return Dataset.from_list(rows), count

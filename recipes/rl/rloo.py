@@ -16,13 +16,21 @@ recipe's, so `main` is grpo.main with RLOOTrainer.
 
 from __future__ import annotations
 
-from trl import ModelConfig, RLOOConfig
+from dataclasses import dataclass
+
+import trl
+from trl import ModelConfig
 
 from data_prep.artifacts import parse_config, run_cli
 from recipes.common import with_cpu_process_group
 from recipes.peft_methods import PeftMethodArguments
 from recipes.rl import grpo
-from recipes.rl.common import PromptArguments
+from recipes.rl.common import OnlineRLChecks, PromptArguments
+
+
+@dataclass
+class RLOOConfig(OnlineRLChecks, trl.RLOOConfig):
+    """TRL's RLOOConfig; nonsense numbers and periodic evaluation are refused while it is parsed."""
 
 
 def main(script_args, training_args, model_args, peft_args, callbacks=None) -> dict:
