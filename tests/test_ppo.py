@@ -533,11 +533,17 @@ def test_a_critic_or_reference_with_another_tokenizer_is_refused_before_training
 
     from transformers import AutoTokenizer
 
+    from recipes.rl.ppo import _require_policy_tokenizer
+
     other = tmp_path / "other_vocab"
     shutil.copytree(tiny_reward, other)
-    tokenizer = AutoTokenizer.from_pretrained(other)
-    tokenizer.add_tokens(["<|extra|>"])
-    tokenizer.save_pretrained(other)
+    policy_tokenizer = AutoTokenizer.from_pretrained(tiny_sft)
+    retrained = policy_tokenizer.train_new_from_iterator(["def add(a, b):\n    return a + b\n"] * 20, vocab_size=300)
+    retrained.save_pretrained(other)
+    # tokens added after the policy's (a pad token, say) keep every policy id: accepted
+    extended = AutoTokenizer.from_pretrained(tiny_sft)
+    extended.add_tokens(["<|extra|>"])
+    _require_policy_tokenizer("value_model_path", "extended", extended, str(tiny_sft), policy_tokenizer)
     for flag in ("--value_model_path", "--ref_model_path"):
         with pytest.raises(UserError) as err:
             run_ppo(ppo_argv(tiny_sft, tiny_reward, tiny_chat_data, tmp_path / "run", flag, str(other)))

@@ -176,12 +176,16 @@ PPO_KEYS = ("total_episodes", "num_ppo_epochs", "num_mini_batches", "response_le
 
 
 def _require_policy_tokenizer(key: str, path: str, tokenizer, policy_path: str, policy_tokenizer) -> None:
-    """The critic and the reference read the policy's token ids, so they must share its vocabulary (the
-    reward model need not: it re-reads the decoded text with its own tokenizer)."""
-    if tokenizer.get_vocab() != policy_tokenizer.get_vocab():
-        raise UserError(f"{key}: {path} has another tokenizer than the policy {policy_path} ({len(tokenizer)} vs "
-                        f"{len(policy_tokenizer)} tokens), and it reads the policy's token ids; give a model "
-                        "trained from the policy's tokenizer (e.g. a reward model trained from the same SFT model)")
+    """The critic and the reference read the policy's token ids, so each policy token must have the same id in
+    their tokenizer (tokens added after the policy's, such as a pad token, do no harm). The reward model need
+    not: it re-reads the decoded text with its own tokenizer."""
+    theirs = tokenizer.get_vocab()
+    differ = [token for token, index in policy_tokenizer.get_vocab().items() if theirs.get(token) != index]
+    if differ:
+        raise UserError(f"{key}: {path} has another tokenizer than the policy {policy_path} ({len(differ)} of the "
+                        f"policy's {len(policy_tokenizer)} tokens have another id or none, e.g. {differ[0]!r}), and "
+                        "it reads the policy's token ids; give a model trained from the policy's tokenizer (e.g. a "
+                        "reward model trained from the same SFT model)")
 
 
 def _evaluate(policy, tokenizer, prompts, scorer, reference, args, measure_kl: bool = True) -> dict:
