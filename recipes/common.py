@@ -233,6 +233,31 @@ def training_summary(args, extra: tuple[str, ...] = ()) -> dict:
     return {k: getattr(args, k) for k in TRAINING_SUMMARY_KEYS + extra if hasattr(args, k)}
 
 
+def check_settings(config, at_least_1=(), positive=(), non_negative=(), at_most_1=()) -> None:
+    """Refuse numbers no run can use while the settings are parsed, before any model loads, in one line
+    naming the key (a zero batch size or temperature otherwise fails mid-run with a ZeroDivisionError, a
+    NaN or a hang). A key set to None (optional, unset) is not checked."""
+    rules = [(at_least_1, lambda v: v >= 1, ">= 1"), (positive, lambda v: v > 0, "> 0"),
+             (non_negative, lambda v: v >= 0, ">= 0"), (at_most_1, lambda v: v <= 1, "<= 1")]
+    for keys, holds, wanted in rules:
+        for key in keys:
+            value = getattr(config, key)
+            if value is not None and not holds(value):
+                raise UserError(f"{key} must be {wanted}, got {value}")
+
+
+def check_training_numbers(args, epochs_matter: bool = True) -> None:
+    """TrainingArguments numbers no run can use, refused while the settings are parsed (Trainer would fail
+    on them mid-run, or train 0 or 1 steps and publish that as a finished run). `epochs_matter` False: the
+    run's length is set otherwise (PPO's total_episodes)."""
+    check_settings(args, at_least_1=("per_device_train_batch_size", "per_device_eval_batch_size",
+                                     "gradient_accumulation_steps"), non_negative=("learning_rate",))
+    if args.max_steps == 0 or args.max_steps < -1:
+        raise UserError(f"max_steps must be >= 1, or -1 to train num_train_epochs epochs; got {args.max_steps}")
+    if epochs_matter and args.max_steps == -1 and not args.num_train_epochs > 0:
+        raise UserError(f"num_train_epochs must be > 0 (or set max_steps), got {args.num_train_epochs}")
+
+
 def load_pretrained(path: str, auto_class, trust_remote_code: bool = False, **kwargs):
     """(model, tokenizer, parent manifest) from a stage output, a PEFT adapter directory or a Hub id.
 
@@ -263,11 +288,21 @@ def load_pretrained(path: str, auto_class, trust_remote_code: bool = False, **kw
         raise UserError(f"{path}: not a model checkpoint (no config.json)")
     if not local.is_dir() and _looks_local(path):
         raise UserError(f"model directory not found: {path}")
+    from safetensors import SafetensorError
+
     try:
         model = auto_class.from_pretrained(path, use_safetensors=True, trust_remote_code=trust_remote_code, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except OSError as err:
+    except (OSError, SafetensorError) as err:  # missing files, or a truncated or corrupt weights file
         raise UserError(f"{path}: {str(err).splitlines()[0]}") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:  # no tokenizer files: transformers asks for sentencepiece or tiktoken
+        raise UserError(f"{path}: no usable tokenizer ({str(err).splitlines()[0]})") from None
+    embeddings = model.get_input_embeddings()
+    if embeddings is not None and len(tokenizer) > embeddings.num_embeddings:
+        raise UserError(f"{path}: the tokenizer has {len(tokenizer)} tokens and the model's embedding "
+                        f"{embeddings.num_embeddings} rows, so some token ids index past it; resize the embedding "
+                        "or use the tokenizer the model was trained with")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if getattr(model.config, "pad_token_id", None) is None:

@@ -233,8 +233,9 @@ def test_lm_eval_local_task_runs_on_a_model_and_on_an_adapter(tiny_pretrained, t
     monkeypatch.setattr(lm_eval, "simple_evaluate", spy)
     perplexities = {}
     for name, model in (("model", tiny_pretrained), ("adapter", adapter)):
-        out = run_eval(eval_argv(model, tmp_path / name, "--metrics", "perplexity", "lm_eval", "--text_dataset_path",
-                                 str(tiny_data["corpus"]), "--max_texts", "1", "--lm_eval_include_path",
+        out = run_eval(eval_argv(model, tmp_path / f"eval_{name}", "--metrics", "perplexity", "lm_eval",
+                                 "--text_dataset_path", str(tiny_data["corpus"]), "--max_texts", "1",
+                                 "--lm_eval_include_path",
                                  str(mc_benchmark), "--lm_eval_limit", "6", "--lm_eval_batch_size", "8"))
         for task in ("stdlib_docstring_mc", "arithmetic_units_mc"):
             result = out["metrics"]["lm_eval"][task]

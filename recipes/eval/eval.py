@@ -26,8 +26,9 @@ from dataclasses import asdict, dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from data_prep.artifacts import UserError, build_manifest, parse_config, read_manifest, run_cli, write_manifest
-from recipes.common import load_pretrained, mark_incomplete, publish
+from data_prep.artifacts import (UserError, build_manifest, parse_config, read_manifest, refuse_overlap, run_cli,
+                                 write_manifest)
+from recipes.common import check_settings, load_pretrained, mark_incomplete, publish
 from recipes.eval.scores import bleu_rouge, perplexity, safety_report
 
 METRICS = ("perplexity", "bleu_rouge", "exact_match", "pass_at_k", "lm_eval", "reward_accuracy", "win_rate", "safety")
@@ -82,6 +83,10 @@ class EvalArguments:
     reward_batch_size: int = field(default=32)
     output_dir: str = field(default="outputs/eval")
 
+    def __post_init__(self):
+        check_settings(self, at_least_1=("max_length", "stride", "max_new_tokens", "win_rate_max_samples",
+                                         "pass_at_k_samples", "lm_eval_limit"))
+
 
 def main(args: EvalArguments) -> dict:
     import torch
@@ -91,6 +96,9 @@ def main(args: EvalArguments) -> dict:
     from recipes.eval import generation, reward_scores
 
     started = time.time()
+    refuse_overlap(args.output_dir, {key: getattr(args, key) for key in (
+        "model_name_or_path", "compare_model_name_or_path", "reward_model_name_or_path", "text_dataset_path",
+        "chat_dataset_path", "preference_dataset_path", "lm_eval_include_path")})
     unknown = [m for m in args.metrics if m not in METRICS]
     if unknown or not args.metrics:
         raise UserError(f"metrics: unknown metric {', '.join(unknown) or '(none given)'} (choose from {', '.join(METRICS)})")

@@ -24,8 +24,10 @@ from pathlib import Path
 
 from transformers import Trainer, TrainingArguments
 
-from data_prep.artifacts import UserError, build_manifest, parse_config, read_manifest, run_cli, write_manifest
-from recipes.common import mark_incomplete, model_card, publish, resolve_resume, with_cpu_process_group
+from data_prep.artifacts import (MANIFEST_NAME, UserError, build_manifest, parse_config, read_manifest, refuse_overlap, run_cli,
+                                 write_manifest)
+from recipes.common import (check_settings, check_training_numbers, mark_incomplete, model_card, publish, resolve_resume,
+                            with_cpu_process_group)
 from recipes.pretrain.muon import MuonWithAdamW, muon_optimizer_kwargs
 
 
@@ -42,6 +44,10 @@ class ScriptArguments:
     muon_momentum: float = field(default=0.95, metadata={"help": "Muon's Nesterov momentum."})
     muon_weight_decay: float = field(default=0.0, metadata={
         "help": "Muon group's decoupled weight decay: matrices shrink by lr x this per step."})
+
+    def __post_init__(self):
+        check_settings(self, at_least_1=("max_eval_samples",), positive=("peak_tflops", "muon_learning_rate"),
+                       non_negative=("muon_momentum", "muon_weight_decay"))
 
 
 @dataclass
@@ -97,8 +103,11 @@ def main(script_args, training_args, arch_args, callbacks=None) -> dict:
     from recipes.pretrain.throughput import ThroughputMeter, flops_per_token, measure_peak_flops
 
     # ------------------------------------------------------------------ data
+    refuse_overlap(training_args.output_dir, {"dataset_path": script_args.dataset_path,
+                                              "tokenizer_path": script_args.tokenizer_path})
     data_manifest = read_manifest(script_args.dataset_path, "packed dataset", stage="packed")
     tokenizer = load_tokenizer(script_args.tokenizer_path)
+    _refuse_other_tokenizer(script_args.tokenizer_path, data_manifest, script_args.dataset_path)
     packed = load_from_disk(script_args.dataset_path)
     train_dataset, eval_dataset = packed["train"], packed["validation"]
     if script_args.max_eval_samples:
@@ -131,6 +140,8 @@ def main(script_args, training_args, arch_args, callbacks=None) -> dict:
         _check_muon_supported(trainer)
     # a bad resume_from_checkpoint is refused before the finished run's manifest goes
     resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
+    if resume:
+        _refuse_other_architecture(resume, config)
     if trainer.is_world_process_zero():
         mark_incomplete(training_args.output_dir)
     device = trainer.args.device
@@ -266,8 +277,39 @@ def _card(inputs: dict, options: dict, metrics: dict, data_manifest: dict) -> st
     )
 
 
+def _refuse_other_tokenizer(tokenizer_path: str, data_manifest: dict, dataset_path: str) -> None:
+    """The packed ids are the packing tokenizer's: another vocabulary would read them as other tokens (or index
+    past its embedding). Checked by the fingerprints the two manifests record."""
+    packed_with = data_manifest.get("inputs", {}).get("tokenizer_fingerprint")
+    if not packed_with or not (Path(tokenizer_path) / MANIFEST_NAME).is_file():
+        return
+    fingerprint = read_manifest(tokenizer_path, "tokenizer", stage="tokenizer")["fingerprint"]
+    if fingerprint != packed_with:
+        raise UserError(f"tokenizer_path: {tokenizer_path} is not the tokenizer that packed {dataset_path} "
+                        f"({data_manifest['inputs'].get('tokenizer_dir')}; fingerprints {fingerprint} and {packed_with})")
+
+
+ARCHITECTURE_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "max_position_embeddings", "num_local_experts",
+                     "num_experts_per_tok", "tie_word_embeddings")
+
+
+def _refuse_other_architecture(checkpoint: str, config) -> None:
+    """Refused before the finished run's manifest goes: weights of another shape cannot be loaded."""
+    saved_path = Path(checkpoint) / "config.json"
+    if not saved_path.is_file():
+        return  # resolve_resume has checked what a checkpoint holds; the Trainer reports a missing config
+    saved, built = json.loads(saved_path.read_text()), config.to_dict()
+    for key in ARCHITECTURE_KEYS:
+        if key in saved and key in built and saved[key] != built[key]:
+            raise UserError(f"resume_from_checkpoint: {checkpoint} holds a model with {key} {saved[key]}, and the "
+                            f"settings build {built[key]}; resume with the checkpointed run's architecture")
+
+
 def parse_args(argv: list[str] | None = None):
-    return parse_config([ScriptArguments, TrainingArguments, ArchitectureArguments], with_cpu_process_group(argv))
+    parsed = parse_config([ScriptArguments, TrainingArguments, ArchitectureArguments], with_cpu_process_group(argv))
+    check_training_numbers(parsed[1])
+    return parsed
 
 
 if __name__ == "__main__":

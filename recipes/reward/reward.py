@@ -27,8 +27,8 @@ from dataclasses import asdict, dataclass, field
 
 from trl import ModelConfig, RewardConfig, RewardTrainer
 
-from data_prep.artifacts import build_manifest, parse_config, run_cli, write_manifest
-from recipes.common import (check_special_tokens, keep_token_count_across_resume, load_pretrained, load_splits,
+from data_prep.artifacts import UserError, build_manifest, parse_config, refuse_overlap, run_cli, write_manifest
+from recipes.common import (check_special_tokens, check_training_numbers, keep_token_count_across_resume, load_pretrained, load_splits,
                             mark_incomplete, model_card, no_zero3_init, publish, resolve_resume, save_trained,
                             training_summary, with_cpu_process_group)
 from recipes.peft_methods import (PeftMethodArguments, build_peft_config, quantization_config, refuse_broken_combination,
@@ -57,6 +57,8 @@ def main(script_args, training_args, model_args, peft_args, callbacks=None) -> d
 
     started = time.time()
     refuse_broken_combination("reward", model_args, peft_args)
+    refuse_overlap(training_args.output_dir, {"dataset_path": script_args.dataset_path,
+                                              "model_name_or_path": model_args.model_name_or_path})
     # ------------------------------------------------------------------ data
     data_manifest, train_dataset, test_dataset = load_splits(
         script_args.dataset_path, script_args.dataset_train_split, script_args.dataset_test_split, validate_preferences)
@@ -69,6 +71,9 @@ def main(script_args, training_args, model_args, peft_args, callbacks=None) -> d
         model_path, AutoModelForSequenceClassification, trust_remote_code=training_args.trust_remote_code,
         num_labels=1, dtype=getattr(torch, model_args.dtype) if model_args.dtype not in (None, "auto") else "auto",
         quantization_config=quantization_config(model_args))
+    if not tokenizer.chat_template:  # RewardTrainer renders each conversational pair with it
+        raise UserError(f"{model_path}: the tokenizer has no chat template (the reward model starts from a chat "
+                        "model, e.g. the SFT recipe's output)")
     check_special_tokens(training_args, tokenizer, model_path)
     peft_config = build_peft_config(model_args, peft_args, model)
 
@@ -228,7 +233,10 @@ def _card(inputs: dict, options: dict, metrics: dict) -> str:
 
 
 def parse_args(argv: list[str] | None = None):
-    return parse_config([ScriptArguments, RewardConfig, ModelConfig, PeftMethodArguments], with_cpu_process_group(argv))
+    parsed = parse_config([ScriptArguments, RewardConfig, ModelConfig, PeftMethodArguments],
+                          with_cpu_process_group(argv))
+    check_training_numbers(parsed[1])
+    return parsed
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from data_prep.artifacts import UserError, build_manifest, write_manifest
-from recipes.common import load_pretrained, model_card, no_zero3_init, publish
+from recipes.common import (check_settings, check_training_numbers, load_pretrained, model_card, no_zero3_init,
+                            publish)
 
 
 @dataclass
@@ -73,19 +74,6 @@ def check_batch_size(key: str, value: int) -> None:
         raise UserError(f"{key} must be >= 1, got {value}")
 
 
-def check_settings(config, at_least_1=(), positive=(), non_negative=(), at_most_1=()) -> None:
-    """Refuse numbers no run can use while the settings are parsed, before any model loads, in one line
-    naming the key (a zero batch size or temperature otherwise fails mid-run with a ZeroDivisionError, a
-    NaN or a hang). A key set to None (optional, unset) is not checked."""
-    rules = [(at_least_1, lambda v: v >= 1, ">= 1"), (positive, lambda v: v > 0, "> 0"),
-             (non_negative, lambda v: v >= 0, ">= 0"), (at_most_1, lambda v: v <= 1, "<= 1")]
-    for keys, holds, wanted in rules:
-        for key in keys:
-            value = getattr(config, key)
-            if value is not None and not holds(value):
-                raise UserError(f"{key} must be {wanted}, got {value}")
-
-
 class OnlineRLChecks:
     """Mixed into TRL's GRPOConfig and RLOOConfig (recipes/rl/grpo.py, rloo.py): their numbers are checked
     before TRL's own __post_init__ (which divides by num_generations), and periodic evaluation is refused:
@@ -93,9 +81,9 @@ class OnlineRLChecks:
     no eval_dataset, so Trainer would stop at the first evaluation with a traceback."""
 
     def __post_init__(self):
-        check_settings(self, at_least_1=("per_device_train_batch_size", "gradient_accumulation_steps",
-                                         "max_completion_length", "num_iterations"),
-                       positive=("temperature",), non_negative=("beta", "learning_rate"))
+        check_training_numbers(self)
+        check_settings(self, at_least_1=("max_completion_length", "num_iterations"), positive=("temperature",),
+                       non_negative=("beta",))
         if self.num_generations is not None and self.num_generations < 2:
             raise UserError(f"num_generations must be >= 2 (each reply's advantage is measured against the other "
                             f"replies to its prompt), got {self.num_generations}")

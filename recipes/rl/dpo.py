@@ -26,8 +26,8 @@ from dataclasses import asdict, dataclass, field
 from trl import DPOConfig, ModelConfig
 
 from data_prep.artifacts import UserError, parse_config, run_cli
-from recipes.common import (check_special_tokens, fused_head_on_labelled_positions_only, keep_token_count_across_resume,
-                            load_splits, mark_incomplete, resolve_resume, save_trained, training_summary,
+from recipes.common import (check_special_tokens, check_training_numbers, fused_head_on_labelled_positions_only,
+                            keep_token_count_across_resume, load_splits, mark_incomplete, resolve_resume, save_trained, training_summary,
                             with_cpu_process_group)
 from recipes.peft_methods import PeftMethodArguments, build_peft_config, trainable_parameters
 from recipes.rl.common import (ReferenceCurveArguments, check_batch_size, evaluate_saved_policy, finish_run,
@@ -144,7 +144,9 @@ def _log(trainer, message: str) -> None:
 
 
 def parse_args(argv: list[str] | None = None):
-    return parse_config([ScriptArguments, DPOConfig, ModelConfig, PeftMethodArguments], with_cpu_process_group(argv))
+    parsed = parse_config([ScriptArguments, DPOConfig, ModelConfig, PeftMethodArguments], with_cpu_process_group(argv))
+    check_training_numbers(parsed[1])
+    return parsed
 
 
 if __name__ == "__main__":

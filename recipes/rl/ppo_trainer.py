@@ -34,7 +34,7 @@ from torch import nn
 from transformers import GenerationConfig, Trainer, TrainingArguments
 
 from data_prep.artifacts import UserError
-from recipes.rl.common import check_settings
+from recipes.common import check_settings, check_training_numbers
 from recipes.rl.kl import position_ids_of
 
 
@@ -85,12 +85,12 @@ class PPOConfig(TrainingArguments):
         "help": "Weights of the reward functions in the score (default: all 1)."})
 
     def __post_init__(self):
-        check_settings(self, at_least_1=("per_device_train_batch_size", "gradient_accumulation_steps",
-                                         "num_mini_batches", "num_ppo_epochs", "local_rollout_forward_batch_size",
+        check_training_numbers(self, epochs_matter=self.total_episodes is None)
+        check_settings(self, at_least_1=("num_mini_batches", "num_ppo_epochs", "local_rollout_forward_batch_size",
                                          "response_length", "total_episodes", "kl_horizon"),
                        positive=("temperature", "top_p", "target_kl"),
                        non_negative=("kl_coef", "cliprange", "cliprange_value", "vf_coef", "gamma", "lam",
-                                     "critic_warmup_updates", "critic_learning_rate", "learning_rate"),
+                                     "critic_warmup_updates", "critic_learning_rate"),
                        at_most_1=("top_p", "gamma", "lam"))
         if getattr(self.save_strategy, "value", self.save_strategy) == "best":
             raise UserError("save_strategy: \"best\" needs a periodic evaluation, which PPO has not; use \"steps\" "

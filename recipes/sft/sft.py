@@ -26,9 +26,9 @@ from pathlib import Path
 
 from trl import ModelConfig, SFTConfig
 
-from data_prep.artifacts import UserError, build_manifest, parse_config, run_cli, write_manifest
-from recipes.common import (check_special_tokens, fused_head_on_labelled_positions_only, keep_token_count_across_resume,
-                            load_pretrained, load_splits, mark_incomplete, model_card, no_zero3_init, publish,
+from data_prep.artifacts import UserError, build_manifest, parse_config, refuse_overlap, run_cli, write_manifest
+from recipes.common import (check_settings, check_special_tokens, check_training_numbers,
+                            fused_head_on_labelled_positions_only, keep_token_count_across_resume, load_pretrained, load_splits, mark_incomplete, model_card, no_zero3_init, publish,
                             resolve_resume, save_trained, training_summary, with_cpu_process_group)
 from recipes.peft_methods import (PeftMethodArguments, build_peft_config, quantization_config, refuse_broken_combination,
                                   trainable_parameters)
@@ -44,6 +44,9 @@ class ScriptArguments:
     eval_max_new_tokens: int = field(default=48)
     merge_adapter: bool = field(default=False, metadata={"help": "LoRA: save the merged model, adapter in adapter/."})
 
+    def __post_init__(self):  # refused before training: the exact-match evaluation runs after it
+        check_settings(self, at_least_1=("eval_max_samples", "eval_max_new_tokens"))
+
 
 def main(script_args, training_args, model_args, peft_args, callbacks=None) -> dict:
     import torch
@@ -55,6 +58,9 @@ def main(script_args, training_args, model_args, peft_args, callbacks=None) -> d
 
     started = time.time()
     refuse_broken_combination("sft", model_args, peft_args)
+    refuse_overlap(training_args.output_dir, {"dataset_path": script_args.dataset_path,
+                                              "model_name_or_path": model_args.model_name_or_path,
+                                              "chat_template_path": training_args.chat_template_path})
     # ------------------------------------------------------------------ data
     data_manifest, train_dataset, test_dataset = load_splits(
         script_args.dataset_path, script_args.dataset_train_split, script_args.dataset_test_split, validate_messages)
@@ -72,6 +78,9 @@ def main(script_args, training_args, model_args, peft_args, callbacks=None) -> d
         if not template.is_file():
             raise UserError(f"chat_template_path: file not found: {template}")
         tokenizer.chat_template = template.read_text()
+    if not tokenizer.chat_template:
+        raise UserError(f"{model_path}: the tokenizer has no chat template (set chat_template_path to a Jinja "
+                        "template file)")
     if training_args.assistant_only_loss and not has_generation_markers(tokenizer.chat_template or ""):
         raise UserError(f"{model_path}: the chat template has no {{% generation %}} markers, which "
                         "assistant_only_loss needs to find the assistant tokens")
@@ -179,7 +188,9 @@ def _card(inputs: dict, options: dict, metrics: dict) -> str:
 
 
 def parse_args(argv: list[str] | None = None):
-    return parse_config([ScriptArguments, SFTConfig, ModelConfig, PeftMethodArguments], with_cpu_process_group(argv))
+    parsed = parse_config([ScriptArguments, SFTConfig, ModelConfig, PeftMethodArguments], with_cpu_process_group(argv))
+    check_training_numbers(parsed[1])
+    return parsed
 
 
 if __name__ == "__main__":

@@ -1,0 +1,144 @@
+"""What the SFT, reward, DPO, pretraining and evaluation recipes refuse before they train or write: numbers no
+run can use, an output_dir that is one of the run's inputs, and models or tokenizers that do not fit together.
+Each is one line, and a finished output (or an input) is left as it was."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from conftest import REPO_ROOT, pretrain_argv
+from data_prep.artifacts import UserError
+from recipes.eval import eval as eval_recipe
+from recipes.pretrain import pretrain
+from recipes.reward import reward
+from recipes.rl import dpo
+from recipes.sft import sft
+
+TRAINING = {"sft": (sft, "recipes/sft/tiny.yaml"), "reward": (reward, "recipes/reward/tiny.yaml"),
+            "dpo": (dpo, "recipes/rl/dpo_tiny.yaml"), "pretrain": (pretrain, "recipes/pretrain/tiny.yaml")}
+
+
+@pytest.mark.parametrize("recipe", list(TRAINING))
+@pytest.mark.parametrize("flags, message", [
+    (("--per_device_train_batch_size", "0"), "per_device_train_batch_size must be >= 1, got 0"),
+    (("--per_device_eval_batch_size", "0"), "per_device_eval_batch_size must be >= 1, got 0"),
+    (("--gradient_accumulation_steps", "0"), "gradient_accumulation_steps must be >= 1, got 0"),  # ZeroDivisionError
+    (("--learning_rate", "-1"), "learning_rate must be >= 0, got -1.0"),
+    (("--max_steps", "0"), "max_steps must be >= 1, or -1 to train num_train_epochs epochs; got 0"),  # 1 step
+    (("--max_steps", "-1", "--num_train_epochs", "0"), "num_train_epochs must be > 0 (or set max_steps), got 0.0"),
+])
+def test_training_numbers_no_run_can_use_stop_while_parsing(recipe, flags, message):
+    module, config = TRAINING[recipe]
+    with pytest.raises(UserError) as err:
+        module.parse_args(["--config", str(REPO_ROOT / config), *flags])
+    assert str(err.value) == message
+
+
+@pytest.mark.parametrize("module, config, flags, message", [
+    (sft, "recipes/sft/tiny.yaml", ("--eval_max_new_tokens", "0"), "eval_max_new_tokens must be >= 1, got 0"),
+    (sft, "recipes/sft/tiny.yaml", ("--eval_max_samples", "0"), "eval_max_samples must be >= 1, got 0"),
+    (pretrain, "recipes/pretrain/tiny.yaml", ("--peak_tflops", "0"), "peak_tflops must be > 0, got 0.0"),
+    (pretrain, "recipes/pretrain/tiny.yaml", ("--max_eval_samples", "0"), "max_eval_samples must be >= 1, got 0"),
+    (eval_recipe, "recipes/eval/tiny.yaml", ("--max_new_tokens", "0"), "max_new_tokens must be >= 1, got 0"),
+    (eval_recipe, "recipes/eval/tiny.yaml", ("--stride", "0"), "stride must be >= 1, got 0"),
+    (eval_recipe, "recipes/eval/tiny.yaml", ("--win_rate_max_samples", "-2"), "win_rate_max_samples must be >= 1, "
+                                                                                "got -2"),
+])
+def test_script_numbers_no_run_can_use_stop_while_parsing(module, config, flags, message):
+    with pytest.raises(UserError) as err:
+        module.parse_args(["--config", str(REPO_ROOT / config), *flags])
+    assert str(err.value) == message
+
+
+def _listing(path):
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
+
+
+def test_an_output_dir_that_is_an_input_is_refused_and_the_input_kept(tiny_data, tiny_pretrained, tiny_sft,
+                                                                       tiny_chat_data, tmp_path):
+    """Each of these deleted its input before: a stage replaces its whole output directory."""
+    cases = [
+        (sft, ["--config", str(REPO_ROOT / "recipes/sft/tiny.yaml"), "--model_name_or_path", str(tiny_pretrained),
+               "--dataset_path", str(tiny_chat_data["sft"]), "--output_dir", str(tiny_chat_data["sft"])],
+         "dataset_path", tiny_chat_data["sft"]),
+        (reward, ["--config", str(REPO_ROOT / "recipes/reward/tiny.yaml"), "--model_name_or_path", str(tiny_sft),
+                  "--dataset_path", str(tiny_chat_data["preference"]), "--output_dir", str(tiny_sft)],
+         "model_name_or_path", tiny_sft),
+        (pretrain, pretrain_argv(tiny_data, tiny_data["packed"]), "dataset_path", tiny_data["packed"]),
+        (eval_recipe, ["--config", str(REPO_ROOT / "recipes/eval/tiny.yaml"), "--model_name_or_path",
+                       str(tiny_sft), "--output_dir", str(tiny_sft)], "model_name_or_path", tiny_sft),
+    ]
+    for module, argv, key, path in cases:
+        before = _listing(path)
+        with pytest.raises(UserError) as err:
+            module.main(*module.parse_args(argv))
+        assert str(err.value).startswith(f"output_dir {path} is {key} {path}: a stage replaces its whole output")
+        assert _listing(path) == before
+
+
+def test_a_tokenizer_the_model_cannot_read_is_one_line(tiny_pretrained, tiny_chat_data, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from recipes.common import load_pretrained
+
+    wide = tmp_path / "wide_tokenizer"
+    shutil.copytree(tiny_pretrained, wide)
+    tokenizer = AutoTokenizer.from_pretrained(wide)
+    size = len(tokenizer)
+    tokenizer.add_tokens([f"<|new{i}|>" for i in range(8)])
+    tokenizer.save_pretrained(wide)
+    with pytest.raises(UserError) as err:
+        load_pretrained(str(wide), AutoModelForCausalLM)
+    assert str(err.value).startswith(f"{wide}: the tokenizer has {size + 8} tokens and the model's embedding ")
+
+    truncated = tmp_path / "truncated"
+    shutil.copytree(tiny_pretrained, truncated)
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+    with pytest.raises(UserError, match=f"^{truncated}: "):
+        load_pretrained(str(truncated), AutoModelForCausalLM)
+
+    untemplated = tmp_path / "no_template"
+    shutil.copytree(tiny_pretrained, untemplated)
+    (untemplated / "chat_template.jinja").unlink(missing_ok=True)
+    config_path = untemplated / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config.pop("chat_template", None)
+    config_path.write_text(json.dumps(config))
+    for module, config_file, data in ((sft, "recipes/sft/tiny.yaml", tiny_chat_data["sft"]),
+                                      (reward, "recipes/reward/tiny.yaml", tiny_chat_data["preference"])):
+        with pytest.raises(UserError, match=f"^{untemplated}: the tokenizer has no chat template"):
+            module.main(*module.parse_args(["--config", str(REPO_ROOT / config_file), "--model_name_or_path",
+                                            str(untemplated), "--dataset_path", str(data), "--output_dir",
+                                            str(tmp_path / "out"), "--assistant_only_loss", "false"]
+                                           if module is sft else
+                                           ["--config", str(REPO_ROOT / config_file), "--model_name_or_path",
+                                            str(untemplated), "--dataset_path", str(data), "--output_dir",
+                                            str(tmp_path / "out")]))
+    assert not (tmp_path / "out").exists()
+
+
+def test_pretraining_refuses_another_tokenizer_and_a_resume_of_another_architecture(tiny_data, tmp_path):
+    other = tmp_path / "other_tokenizer"
+    shutil.copytree(tiny_data["tokenizer"], other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["fingerprint"] = "0" * len(manifest["fingerprint"])
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    argv = pretrain_argv(tiny_data, tmp_path / "run", "--max_steps", "2", "--save_steps", "1",
+                         "--eval_on_start", "false")
+    with pytest.raises(UserError, match=f"^tokenizer_path: {other} is not the tokenizer that packed "):
+        pretrain.main(*pretrain.parse_args([*argv, "--tokenizer_path", str(other)]))
+    assert not (tmp_path / "run").exists()
+
+    pretrain.main(*pretrain.parse_args(argv))
+    hidden = json.loads((tmp_path / "run" / "config.json").read_text())["hidden_size"]
+    with pytest.raises(UserError) as err:
+        pretrain.main(*pretrain.parse_args([*argv, "--resume_from_checkpoint", "true", "--hidden_size",
+                                            str(hidden * 2)]))
+    assert str(err.value) == (f"resume_from_checkpoint: {tmp_path / 'run' / 'checkpoint-2'} holds a model with "
+                              f"hidden_size {hidden}, and the settings build {hidden * 2}; resume with the "
+                              "checkpointed run's architecture")
+    assert (tmp_path / "run" / "manifest.json").is_file()  # the finished run is left as it was
