@@ -24,10 +24,10 @@ from pathlib import Path
 
 from transformers import Trainer, TrainingArguments
 
-from data_prep.artifacts import (MANIFEST_NAME, UserError, build_manifest, parse_config, read_manifest, refuse_overlap, run_cli,
-                                 write_manifest)
-from recipes.common import (check_settings, check_training_numbers, mark_incomplete, model_card, publish, resolve_resume,
-                            with_cpu_process_group)
+from data_prep.artifacts import (MANIFEST_NAME, UserError, build_manifest, parse_config, read_manifest,
+                                 refuse_overlap, run_cli, write_manifest)
+from recipes.common import (check_settings, check_training_numbers, mark_incomplete, model_card, publish,
+                            resolve_resume, with_cpu_process_group)
 from recipes.pretrain.muon import MuonWithAdamW, muon_optimizer_kwargs
 
 

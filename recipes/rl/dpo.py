@@ -27,8 +27,8 @@ from trl import DPOConfig, ModelConfig
 
 from data_prep.artifacts import UserError, parse_config, run_cli
 from recipes.common import (check_special_tokens, check_training_numbers, fused_head_on_labelled_positions_only,
-                            keep_token_count_across_resume, load_splits, mark_incomplete, resolve_resume, save_trained, training_summary,
-                            with_cpu_process_group)
+                            keep_token_count_across_resume, load_splits, mark_incomplete, resolve_resume, save_trained,
+                            training_summary, with_cpu_process_group)
 from recipes.peft_methods import PeftMethodArguments, build_peft_config, trainable_parameters
 from recipes.rl.common import (ReferenceCurveArguments, check_batch_size, evaluate_saved_policy, finish_run,
                               load_policy, load_reference_curves, summary_line)

@@ -460,7 +460,8 @@ class PPOTrainer(Trainer):
         texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
         texts = [t.strip() for t in texts]
         prompts = [r["prompt"] for r in rows]
-        completions = [t if isinstance(p, str) else [{"role": "assistant", "content": t}] for p, t in zip(prompts, texts)]
+        completions = [text if isinstance(prompt, str) else [{"role": "assistant", "content": text}]
+                       for prompt, text in zip(prompts, texts)]  # TRL's shapes: plain text or messages
         columns = {k: [r[k] for r in rows] for k in rows[0] if k != "prompt"}
         scores = torch.zeros(len(rows), device=responses.device)
         per_func = {}

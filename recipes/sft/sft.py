@@ -28,8 +28,9 @@ from trl import ModelConfig, SFTConfig
 
 from data_prep.artifacts import UserError, build_manifest, parse_config, refuse_overlap, run_cli, write_manifest
 from recipes.common import (check_settings, check_special_tokens, check_training_numbers,
-                            fused_head_on_labelled_positions_only, keep_token_count_across_resume, load_pretrained, load_splits, mark_incomplete, model_card, no_zero3_init, publish,
-                            resolve_resume, save_trained, training_summary, with_cpu_process_group)
+                            fused_head_on_labelled_positions_only, keep_token_count_across_resume, load_pretrained,
+                            load_splits, mark_incomplete, model_card, no_zero3_init, publish, resolve_resume,
+                            save_trained, training_summary, with_cpu_process_group)
 from recipes.peft_methods import (PeftMethodArguments, build_peft_config, quantization_config, refuse_broken_combination,
                                   trainable_parameters)
 
@@ -81,7 +82,7 @@ def main(script_args, training_args, model_args, peft_args, callbacks=None) -> d
     if not tokenizer.chat_template:
         raise UserError(f"{model_path}: the tokenizer has no chat template (set chat_template_path to a Jinja "
                         "template file)")
-    if training_args.assistant_only_loss and not has_generation_markers(tokenizer.chat_template or ""):
+    if training_args.assistant_only_loss and not has_generation_markers(tokenizer.chat_template):
         raise UserError(f"{model_path}: the chat template has no {{% generation %}} markers, which "
                         "assistant_only_loss needs to find the assistant tokens")
     check_special_tokens(training_args, tokenizer, model_path)
