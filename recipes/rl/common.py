@@ -68,12 +68,6 @@ class PromptArguments(RLShapingArguments, ReferenceCurveArguments):
                                          "max_train_prompts", "max_prompt_tokens"), positive=("reward_model_clip",))
 
 
-def check_batch_size(key: str, value: int) -> None:
-    """Refuse a batch size below 1 up front: it would otherwise fail after training, in the evaluation."""
-    if value < 1:
-        raise UserError(f"{key} must be >= 1, got {value}")
-
-
 class OnlineRLChecks:
     """Mixed into TRL's GRPOConfig and RLOOConfig (recipes/rl/grpo.py, rloo.py): their numbers are checked
     before TRL's own __post_init__ (which divides by num_generations), and periodic evaluation is refused:

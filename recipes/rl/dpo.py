@@ -26,12 +26,12 @@ from dataclasses import asdict, dataclass, field
 from trl import DPOConfig, ModelConfig
 
 from data_prep.artifacts import UserError, parse_config, run_cli
-from recipes.common import (check_special_tokens, check_training_numbers, fused_head_on_labelled_positions_only,
-                            keep_token_count_across_resume, load_splits, mark_incomplete, resolve_resume, save_trained,
-                            training_summary, with_cpu_process_group)
+from recipes.common import (check_settings, check_special_tokens, check_training_numbers,
+                            fused_head_on_labelled_positions_only, keep_token_count_across_resume, load_splits,
+                            mark_incomplete, resolve_resume, save_trained, training_summary, with_cpu_process_group)
 from recipes.peft_methods import PeftMethodArguments, build_peft_config, trainable_parameters
-from recipes.rl.common import (ReferenceCurveArguments, check_batch_size, evaluate_saved_policy, finish_run,
-                              load_policy, load_reference_curves, summary_line)
+from recipes.rl.common import (ReferenceCurveArguments, evaluate_saved_policy, finish_run, load_policy,
+                              load_reference_curves, summary_line)
 
 
 @dataclass
@@ -51,7 +51,7 @@ class ScriptArguments(ReferenceCurveArguments):
     eval_batch_size: int = field(default=64)
 
     def __post_init__(self):
-        check_batch_size("eval_batch_size", self.eval_batch_size)
+        check_settings(self, at_least_1=("eval_batch_size", "eval_max_new_tokens", "eval_max_samples"))
 
 
 def main(script_args, training_args, model_args, peft_args, callbacks=None) -> dict:
