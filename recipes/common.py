@@ -258,6 +258,21 @@ def check_training_numbers(args, epochs_matter: bool = True) -> None:
         raise UserError(f"num_train_epochs must be > 0 (or set max_steps), got {args.num_train_epochs}")
 
 
+def account_for_dropped_rows(trainer, given: dict[str, int], why: str, log) -> None:
+    """TRL drops rows while it prepares a split, without a word: SFT a conversation that truncation to
+    max_length leaves no assistant token, RewardTrainer a pair with a side longer than max_length. Say how
+    many went, and refuse a split left empty (Trainer would stop on it with an IndexError, or at the end,
+    in evaluation). `given`: rows per split before TRL ("train", "test")."""
+    prepared = {"train": trainer.train_dataset, "test": trainer.eval_dataset}
+    for split, count in given.items():
+        kept = len(prepared[split])
+        if kept == 0:
+            raise UserError(f"max_length {trainer.args.max_length}: all {count} {split} rows were dropped ({why}); "
+                            "raise max_length")
+        if kept < count:
+            log(f"{count - kept} of {count} {split} rows dropped at max_length {trainer.args.max_length} ({why})")
+
+
 def load_pretrained(path: str, auto_class, trust_remote_code: bool = False, **kwargs):
     """(model, tokenizer, parent manifest) from a stage output, a PEFT adapter directory or a Hub id.
 

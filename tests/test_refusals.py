@@ -142,3 +142,77 @@ def test_pretraining_refuses_another_tokenizer_and_a_resume_of_another_architect
                               f"hidden_size {hidden}, and the settings build {hidden * 2}; resume with the "
                               "checkpointed run's architecture")
     assert (tmp_path / "run" / "manifest.json").is_file()  # the finished run is left as it was
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--hidden_size", "31"), "hidden_size 31 must be a multiple of num_attention_heads 2"),  # a config validator
+    (("--num_attention_heads", "4", "--num_key_value_heads", "3"),  # built, then a shape error in the first forward
+     "num_attention_heads 4 must be a multiple of num_key_value_heads 3 (each key/value head serves a group)"),
+    (("--num_attention_heads", "0"), "num_attention_heads must be >= 1, got 0"),  # ZeroDivisionError
+    (("--intermediate_size", "-1"), "intermediate_size must be >= 1, got -1"),  # "negative dimension"
+    (("--num_hidden_layers", "0"), "num_hidden_layers must be >= 1, got 0"),  # a model of embeddings alone
+    (("--model_type", "mixtral", "--num_local_experts", "2", "--num_experts_per_tok", "4"),
+     "num_experts_per_tok 4 is more than num_local_experts 2"),
+])
+def test_an_architecture_no_model_can_have_stops_while_parsing(flags, message, tiny_data, tmp_path):
+    with pytest.raises(UserError) as err:
+        pretrain.parse_args(pretrain_argv(tiny_data, tmp_path / "run", *flags))
+    assert str(err.value) == message
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--model_type", "t5"), "key model_type: 't5' has no causal LM class in transformers (an encoder or "
+                             "encoder-decoder family); pretraining builds AutoModelForCausalLM"),
+    (("--attn_implementation", "flash"), "key attn_implementation: unknown 'flash' (one of eager, "),
+    (("--attn_implementation", "flash_attention_2"), "attn_implementation 'flash_attention_2': FlashAttention2 "),
+])
+def test_a_family_or_attention_that_cannot_be_built_is_one_line(flags, message, tiny_data, tmp_path):
+    if "flash_attention_2" in flags:
+        import importlib.util
+        if importlib.util.find_spec("flash_attn"):
+            pytest.skip("flash-attn is installed here")
+    with pytest.raises(UserError) as err:
+        pretrain.main(*pretrain.parse_args(pretrain_argv(tiny_data, tmp_path / "run", *flags)))
+    assert str(err.value).startswith(message)
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_encoder_family_is_built_as_a_decoder(tiny_data):
+    """BERT-like configs attend both ways unless is_decoder is set: next-token loss would read the answer."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from data_prep.train_tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_data["tokenizer"]))
+    config = pretrain.build_config(pretrain.ArchitectureArguments(
+        model_type="bert", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2), tokenizer)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    tokens = torch.randint(0, 50, (1, 10))
+    changed_last = tokens.clone()
+    changed_last[0, -1] = (tokens[0, -1] + 1) % 50
+    assert torch.allclose(model(tokens).logits[0, :-1], model(changed_last).logits[0, :-1])
+
+
+@pytest.mark.parametrize("recipe, why", [("sft", "no assistant token left after truncation"),
+                                         ("reward", "a side longer than max_length")])
+def test_rows_trl_drops_at_max_length_are_counted_and_an_emptied_split_refused(recipe, why, tiny_sft, tiny_chat_data,
+                                                                               tmp_path, capsys):
+    """TRL drops these rows without a word; every one dropped stopped Trainer with an IndexError."""
+    module, config = TRAINING[recipe]
+    data = tiny_chat_data["sft" if recipe == "sft" else "preference"]
+    base = ["--config", str(REPO_ROOT / config), "--model_name_or_path", str(tiny_sft), "--dataset_path", str(data),
+            "--disable_tqdm", "true"]
+    from datasets import load_from_disk
+    rows = len(load_from_disk(str(data))["train"])
+    with pytest.raises(UserError) as err:
+        module.main(*module.parse_args([*base, "--output_dir", str(tmp_path / "empty"), "--max_length", "4"]))
+    assert str(err.value) == f"max_length 4: all {rows} train rows were dropped ({why}); raise max_length"
+    assert not list((tmp_path / "empty").glob("*"))  # Trainer makes the directory; nothing is written in it
+
+    partial = {"sft": "40", "reward": "64"}[recipe]
+    module.main(*module.parse_args([*base, "--output_dir", str(tmp_path / "partial"), "--max_length", partial,
+                                    "--max_steps", "1", "--eval_strategy", "no",
+                                    "--eval_exact_match" if recipe == "sft" else "--eval_pairwise_accuracy", "false"]))
+    logged = [line for line in capsys.readouterr().out.splitlines() if "rows dropped" in line]
+    assert len(logged) == 1 and logged[0].endswith(f" of {rows} train rows dropped at max_length {partial} ({why})")

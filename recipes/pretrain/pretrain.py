@@ -68,10 +68,28 @@ class ArchitectureArguments:
     num_experts_per_tok: int | None = field(default=None, metadata={"help": "Experts routed per token (mixtral)."})
     attn_implementation: str = field(default="sdpa")
 
+    def __post_init__(self):  # transformers builds most of these and fails at the first forward, or mid-init
+        check_settings(self, at_least_1=("hidden_size", "intermediate_size", "num_hidden_layers",
+                                         "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
+                                         "num_local_experts", "num_experts_per_tok"),
+                       positive=("rope_theta",), non_negative=("initializer_range",))
+        if self.hidden_size % self.num_attention_heads:
+            raise UserError(f"hidden_size {self.hidden_size} must be a multiple of num_attention_heads "
+                            f"{self.num_attention_heads}")
+        if self.num_key_value_heads is not None and self.num_attention_heads % self.num_key_value_heads:
+            raise UserError(f"num_attention_heads {self.num_attention_heads} must be a multiple of "
+                            f"num_key_value_heads {self.num_key_value_heads} (each key/value head serves a group)")
+        if None not in (self.num_local_experts, self.num_experts_per_tok) and \
+                self.num_experts_per_tok > self.num_local_experts:
+            raise UserError(f"num_experts_per_tok {self.num_experts_per_tok} is more than num_local_experts "
+                            f"{self.num_local_experts}")
+
 
 def build_config(arch: ArchitectureArguments, tokenizer):
-    from transformers import AutoConfig
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers import AttentionInterface, AutoConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     if arch.model_type not in CONFIG_MAPPING:  # transformers' own message lists all ~400 families in one line
         close = difflib.get_close_matches(arch.model_type, list(CONFIG_MAPPING.keys()), n=3)
@@ -80,13 +98,24 @@ def build_config(arch: ArchitectureArguments, tokenizer):
     kwargs = {k: v for k, v in asdict(arch).items() if v is not None and k not in ("model_type", "attn_implementation")}
     if arch.rope_theta is not None:  # transformers 5 keeps RoPE settings in rope_parameters
         kwargs["rope_parameters"] = {"rope_type": "default", "rope_theta": kwargs.pop("rope_theta")}
+    if arch.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise UserError(f"key model_type: '{arch.model_type}' has no causal LM class in transformers (an "
+                        "encoder or encoder-decoder family); pretraining builds AutoModelForCausalLM")
+    known = ("eager", *AttentionInterface._global_mapping)
+    if arch.attn_implementation not in known:
+        raise UserError(f"key attn_implementation: unknown '{arch.attn_implementation}' (one of {', '.join(known)})")
     try:
         config = AutoConfig.for_model(arch.model_type, **kwargs)
     except ValueError as err:
         raise UserError(f"model_type '{arch.model_type}': {str(err).splitlines()[0]}") from None
+    except StrictDataclassError as err:  # a config class's own validator; its reason is the last line
+        reason = str(err).strip().splitlines()[-1].strip().removeprefix("ValueError: ")
+        raise UserError(f"model_type '{arch.model_type}': {reason}") from None
     for key in ("num_local_experts", "num_experts_per_tok"):
         if getattr(arch, key) is not None and key not in type(config)().to_dict():
             raise UserError(f"key {key} does not apply to model_type '{arch.model_type}'")
+    if getattr(config, "is_decoder", None) is False:  # BERT-like families attend both ways unless told
+        config.is_decoder = True
     config.vocab_size = len(tokenizer)
     config.bos_token_id, config.eos_token_id, config.pad_token_id = (
         tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
@@ -123,7 +152,10 @@ def main(script_args, training_args, arch_args, callbacks=None) -> dict:
     # Built after TrainingArguments exist, so that under ZeRO-3 from_config runs inside zero.Init.
     set_seed(training_args.seed)
     config = build_config(arch_args, tokenizer)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    try:
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    except ImportError as err:  # flash_attention_2/3 without its package
+        raise UserError(f"attn_implementation '{arch_args.attn_implementation}': {str(err).splitlines()[0]}") from None
     partitioned_at_init = hasattr(next(model.parameters()), "ds_numel")  # True when zero.Init built it
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # full size under ZeRO-3
 

@@ -28,9 +28,10 @@ from dataclasses import asdict, dataclass, field
 from trl import ModelConfig, RewardConfig, RewardTrainer
 
 from data_prep.artifacts import UserError, build_manifest, parse_config, refuse_overlap, run_cli, write_manifest
-from recipes.common import (check_special_tokens, check_training_numbers, keep_token_count_across_resume, load_pretrained, load_splits,
-                            mark_incomplete, model_card, no_zero3_init, publish, resolve_resume, save_trained,
-                            training_summary, with_cpu_process_group)
+from recipes.common import (account_for_dropped_rows, check_special_tokens, check_training_numbers,
+                            keep_token_count_across_resume, load_pretrained, load_splits, mark_incomplete, model_card,
+                            no_zero3_init, publish, resolve_resume, save_trained, training_summary,
+                            with_cpu_process_group)
 from recipes.peft_methods import (PeftMethodArguments, build_peft_config, quantization_config, refuse_broken_combination,
                                   trainable_parameters)
 from recipes.reward.shared_prompt import (SharedPromptCollator, check_attention_implementation, merged_length,
@@ -82,6 +83,12 @@ def main(script_args, training_args, model_args, peft_args, callbacks=None) -> d
     trainer = trainer_cls(model=model, args=training_args, train_dataset=train_dataset,
                           eval_dataset=test_dataset if training_args.eval_strategy != "no" else None,
                           processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
+    if training_args.max_length is not None:
+        given = {"train": len(train_dataset)}
+        if trainer.eval_dataset is not None:
+            given["test"] = len(test_dataset)
+        account_for_dropped_rows(trainer, given, "a side longer than max_length",
+                                 lambda message: _log(trainer, message))
     # a bad resume_from_checkpoint is refused before the finished run's manifest goes
     resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
     if trainer.is_world_process_zero():

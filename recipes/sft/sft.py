@@ -27,7 +27,7 @@ from pathlib import Path
 from trl import ModelConfig, SFTConfig
 
 from data_prep.artifacts import UserError, build_manifest, parse_config, refuse_overlap, run_cli, write_manifest
-from recipes.common import (check_settings, check_special_tokens, check_training_numbers,
+from recipes.common import (account_for_dropped_rows, check_settings, check_special_tokens, check_training_numbers,
                             fused_head_on_labelled_positions_only, keep_token_count_across_resume, load_pretrained,
                             load_splits, mark_incomplete, model_card, no_zero3_init, publish, resolve_resume,
                             save_trained, training_summary, with_cpu_process_group)
@@ -96,6 +96,8 @@ def main(script_args, training_args, model_args, peft_args, callbacks=None) -> d
     trainer = SFTTrainer(model=model, args=training_args, train_dataset=train_dataset,
                          eval_dataset=test_dataset if training_args.eval_strategy != "no" else None,
                          processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
+    account_for_dropped_rows(trainer, _unpacked_row_counts(training_args, train_dataset, trainer.eval_dataset),
+                             "no assistant token left after truncation", lambda message: _log(trainer, message))
     # a bad resume_from_checkpoint is refused before the finished run's manifest goes
     resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
     if trainer.is_world_process_zero():
@@ -135,6 +137,17 @@ def main(script_args, training_args, model_args, peft_args, callbacks=None) -> d
         publish(staging, training_args.output_dir, trainer)
     trainer.accelerator.wait_for_everyone()
     return metrics
+
+
+def _unpacked_row_counts(training_args, train_dataset, eval_dataset) -> dict[str, int]:
+    """Rows per split that SFTTrainer truncates one by one, and so may drop (a packed split is chunked)."""
+    if training_args.max_length is None:
+        return {}
+    eval_packing = training_args.packing if training_args.eval_packing is None else training_args.eval_packing
+    counts = {} if training_args.packing else {"train": len(train_dataset)}
+    if eval_dataset is not None and not eval_packing:
+        counts["test"] = len(eval_dataset)
+    return counts
 
 
 def _exact_match(path, test_dataset, script_args, training_args) -> dict:
