@@ -322,18 +322,19 @@ def test_bad_inputs_stop_with_one_line(tiny_pretrained, tiny_data, tmp_path):
         assert not (tmp_path / out / "manifest.json").exists()
 
 
-def test_eval_end_to_end_writes_results_and_manifest(tiny_pretrained, tiny_data, tiny_chat_data, tmp_path):
+def test_eval_end_to_end_writes_results_and_manifest(tiny_pretrained, tiny_reward, tiny_data, tiny_chat_data,
+                                                     tmp_path):
     from datasets import load_from_disk
 
     out = tmp_path / "eval"
-    # the tiny pretrained model as its own judge (fresh scalar head) and as its own opponent
+    # the tiny pretrained model as its own opponent
     results = run_eval(eval_argv(
         tiny_pretrained, out, "--metrics", "perplexity", "bleu_rouge", "exact_match", "reward_accuracy", "win_rate",
         "safety", "pass_at_k", "--pass_at_k_samples", "3", "--pass_at_k", "1", "3",
         "--text_dataset_path", str(tiny_data["corpus"]), "--max_texts", "2",
         "--chat_dataset_path", str(tiny_chat_data["sft"]), "--max_samples", "24", "--max_new_tokens", "6",
         "--preference_dataset_path", str(tiny_chat_data["preference"]),
-        "--reward_model_name_or_path", str(tiny_pretrained), "--compare_model_name_or_path", str(tiny_pretrained)))
+        "--reward_model_name_or_path", str(tiny_reward), "--compare_model_name_or_path", str(tiny_pretrained)))
     saved = json.loads((out / "eval_results.json").read_text())
     assert saved == json.loads(json.dumps(results))
     assert set(saved) == {"checkpoint", "stage", "parent", "compare_checkpoint", "data", "metrics", "versions",

@@ -216,3 +216,22 @@ def test_rows_trl_drops_at_max_length_are_counted_and_an_emptied_split_refused(r
                                     "--eval_exact_match" if recipe == "sft" else "--eval_pairwise_accuracy", "false"]))
     logged = [line for line in capsys.readouterr().out.splitlines() if "rows dropped" in line]
     assert len(logged) == 1 and logged[0].endswith(f" of {rows} train rows dropped at max_length {partial} ({why})")
+
+
+def test_a_judge_without_a_trained_score_head_is_refused(tiny_sft, tiny_reward, tiny_chat_data, tmp_path):
+    """Such a judge loads with a fresh random head: the SFT model's reward_accuracy came out 0.5."""
+    hub_like = tmp_path / "causal_lm_without_manifest"
+    shutil.copytree(tiny_sft, hub_like)
+    (hub_like / "manifest.json").unlink()
+    base = ["--config", str(REPO_ROOT / "recipes/eval/tiny.yaml"), "--model_name_or_path", str(tiny_sft),
+            "--metrics", "reward_accuracy", "--preference_dataset_path", str(tiny_chat_data["preference"])]
+    for judge, message in ((tiny_sft, f"{tiny_sft} is a sft output, not a reward model"),
+                           (hub_like, f"{hub_like} is a LlamaForCausalLM, not a sequence classifier")):
+        with pytest.raises(UserError) as err:
+            eval_recipe.main(*eval_recipe.parse_args([*base, "--reward_model_name_or_path", str(judge),
+                                                      "--output_dir", str(tmp_path / "eval")]))
+        assert str(err.value).startswith(f"reward_model_name_or_path: {message} (its score head would be untrained)")
+        assert not (tmp_path / "eval" / "manifest.json").exists()
+    eval_recipe.main(*eval_recipe.parse_args([*base, "--reward_model_name_or_path", str(tiny_reward),
+                                              "--output_dir", str(tmp_path / "eval")]))
+    assert (tmp_path / "eval" / "manifest.json").is_file()
