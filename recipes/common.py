@@ -325,6 +325,20 @@ def load_pretrained(path: str, auto_class, trust_remote_code: bool = False, **kw
     return model, tokenizer, _read_parent(local)
 
 
+def refuse_untrained_score_head(key: str, path: str, model, manifest: dict) -> None:
+    """A model that never had a score head loads as a reward model with a fresh random one, and judges at
+    chance (an SFT model's reward_accuracy came out 0.5). Ours say what they are in the manifest; a Hub
+    model in its config's `architectures`."""
+    stage = manifest.get("stage")
+    if stage is not None and stage != "reward":
+        raise UserError(f"{key}: {path} is a {stage} output, not a reward model (its score head would be "
+                        "untrained); pass the reward recipe's output")
+    architectures = getattr(getattr(model, "base_model", model).config, "architectures", None) or []
+    if stage is None and architectures and not any(a.endswith("ForSequenceClassification") for a in architectures):
+        raise UserError(f"{key}: {path} is a {architectures[0]}, not a sequence classifier (its score head would "
+                        "be untrained)")
+
+
 def check_special_tokens(training_args, tokenizer, model_path: str) -> None:
     """TRL's trainers refuse an `eos_token`/`pad_token` missing from the vocabulary with a multi-line
     traceback; refuse it here in one line, before the trainer is built."""

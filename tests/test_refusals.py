@@ -232,6 +232,9 @@ def test_a_judge_without_a_trained_score_head_is_refused(tiny_sft, tiny_reward, 
                                                       "--output_dir", str(tmp_path / "eval")]))
         assert str(err.value).startswith(f"reward_model_name_or_path: {message} (its score head would be untrained)")
         assert not (tmp_path / "eval" / "manifest.json").exists()
+    from recipes.rl.rewards import RewardModelScorer  # GRPO, RLOO, PPO and DPO's scorer
+    with pytest.raises(UserError, match=f"^reward_model_path: {tiny_sft} is a sft output, not a reward model"):
+        RewardModelScorer(str(tiny_sft))
     eval_recipe.main(*eval_recipe.parse_args([*base, "--reward_model_name_or_path", str(tiny_reward),
                                               "--output_dir", str(tmp_path / "eval")]))
     assert (tmp_path / "eval" / "manifest.json").is_file()

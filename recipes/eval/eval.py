@@ -28,7 +28,7 @@ from pathlib import Path
 
 from data_prep.artifacts import (UserError, build_manifest, parse_config, read_manifest, refuse_overlap, run_cli,
                                  write_manifest)
-from recipes.common import check_settings, load_pretrained, mark_incomplete, publish
+from recipes.common import check_settings, load_pretrained, mark_incomplete, publish, refuse_untrained_score_head
 from recipes.eval.scores import bleu_rouge, perplexity, safety_report
 
 METRICS = ("perplexity", "bleu_rouge", "exact_match", "pass_at_k", "lm_eval", "reward_accuracy", "win_rate", "safety")
@@ -149,7 +149,8 @@ def main(args: EvalArguments) -> dict:
         judge, judge_tokenizer, judge_manifest = load_pretrained(
             args.reward_model_name_or_path, AutoModelForSequenceClassification, args.trust_remote_code, num_labels=1,
             dtype=dtype)
-        _refuse_untrained_judge(args.reward_model_name_or_path, judge, judge_manifest)
+        refuse_untrained_score_head("reward_model_name_or_path", args.reward_model_name_or_path, judge,
+                                    judge_manifest)
         judge.to(device)
     evaluated = args.model_name_or_path
     if model is None:  # reward_accuracy alone: the checkpoint under evaluation is the judge
@@ -326,19 +327,6 @@ def library_versions() -> dict:
         except PackageNotFoundError:
             versions[name] = None
     return versions
-
-
-def _refuse_untrained_judge(path: str, judge, manifest: dict) -> None:
-    """A model that never had a score head loads with a fresh random one, and judges at chance (an SFT model's
-    reward_accuracy came out 0.5). Ours say what they are in the manifest; a Hub judge in its config."""
-    stage = manifest.get("stage")
-    if stage is not None and stage != "reward":
-        raise UserError(f"reward_model_name_or_path: {path} is a {stage} output, not a reward model (its score "
-                        "head would be untrained); pass the reward recipe's output")
-    architectures = getattr(getattr(judge, "base_model", judge).config, "architectures", None) or []
-    if stage is None and architectures and not any(a.endswith("ForSequenceClassification") for a in architectures):
-        raise UserError(f"reward_model_name_or_path: {path} is a {architectures[0]}, not a sequence classifier "
-                        "(its score head would be untrained)")
 
 
 def parse_args(argv: list[str] | None = None):

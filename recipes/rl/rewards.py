@@ -50,11 +50,12 @@ class RewardModelScorer:
                  clip: float | None = None):
         from transformers import AutoModelForSequenceClassification
 
-        from recipes.common import load_pretrained
+        from recipes.common import load_pretrained, refuse_untrained_score_head
 
         self.path = str(model_path)
         self.model, self.tokenizer, self.manifest = load_pretrained(
             self.path, AutoModelForSequenceClassification, trust_remote_code=trust_remote_code, num_labels=1)
+        refuse_untrained_score_head("reward_model_path", self.path, self.model, self.manifest)
         if getattr(self.model.config, "num_labels", 1) != 1:
             raise UserError(f"reward model {self.path}: has {self.model.config.num_labels} labels, expected 1 (a scalar head)")
         if not self.tokenizer.chat_template:
