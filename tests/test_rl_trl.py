@@ -517,19 +517,29 @@ def test_online_numbers_no_run_can_use_stop_while_parsing(method, flag, value, m
     assert str(err.value) == message
 
 
-def test_online_recipe_refuses_plain_text_held_out_prompts_before_training(tiny_sft, tiny_reward, tiny_chat_data,
-                                                                          tmp_path, monkeypatch):
+@pytest.mark.parametrize("method", ["grpo", "dpo"])
+def test_recipe_refuses_plain_text_held_out_prompts_before_training(method, tiny_sft, tiny_reward, tiny_chat_data,
+                                                                    tmp_path, monkeypatch):
     from recipes.rl import prompts
 
     load_prompts = prompts.load_prompts
 
-    def plain_text_held_out(*args, **kwargs):
-        inputs, train, held_out = load_prompts(*args, **kwargs)
-        return inputs, train, held_out.map(lambda row: {"prompt": row["prompt"][-1]["content"]})
+    def as_plain_text(split):
+        return split.map(lambda row: {"prompt": row["prompt"][-1]["content"]})
+
+    def plain_text_held_out(*args, **kwargs):  # DPO reads its held-out prompts as the first split
+        inputs, first, held_out = load_prompts(*args, **kwargs)
+        return (inputs, as_plain_text(first), held_out) if method == "dpo" else \
+            (inputs, first, as_plain_text(held_out))
 
     monkeypatch.setattr(prompts, "load_prompts", plain_text_held_out)
-    with pytest.raises(UserError, match="^eval_policy needs conversational prompts"):
-        run(grpo, online_argv("grpo", tiny_sft, tiny_reward, tiny_chat_data, tmp_path / "out"))
+    argv = dpo_argv(tiny_sft, tiny_reward, tiny_chat_data, tmp_path / "out") if method == "dpo" else \
+        online_argv("grpo", tiny_sft, tiny_reward, tiny_chat_data, tmp_path / "out")
+    skip = "eval_policy: false" if method == "dpo" else "dataset_test_split: none"
+    with pytest.raises(UserError) as err:
+        run({"grpo": grpo, "dpo": dpo}[method], argv)
+    assert str(err.value) == ("eval_policy needs conversational prompts (lists of messages), and the held-out split "
+                              f"has plain-text prompts; set {skip} to skip the evaluation")
     assert not (tmp_path / "out").exists()
 
 

@@ -97,11 +97,11 @@ def model_load_kwargs(model_args) -> dict:
             "dtype": getattr(torch, dtype) if dtype not in (None, "auto") else "auto"}
 
 
-def require_conversational(prompts, what: str) -> None:
+def require_conversational(prompts, what: str, skip: str = "dataset_test_split: none") -> None:
     """The held-out evaluation renders prompts with the chat template: plain-text prompts are refused."""
     if prompts is not None and any(isinstance(p, str) for p in prompts["prompt"]):
         raise UserError(f"{what} needs conversational prompts (lists of messages), and the held-out split has "
-                        "plain-text prompts; set dataset_test_split: none to skip the evaluation")
+                        f"plain-text prompts; set {skip} to skip the evaluation")
 
 
 def load_policy(model_args, trust_remote_code: bool = False):

@@ -31,7 +31,7 @@ from recipes.common import (check_settings, check_special_tokens, check_training
                             mark_incomplete, resolve_resume, save_trained, training_summary, with_cpu_process_group)
 from recipes.peft_methods import PeftMethodArguments, build_peft_config, trainable_parameters
 from recipes.rl.common import (ReferenceCurveArguments, evaluate_saved_policy, finish_run, load_policy,
-                              load_reference_curves, summary_line)
+                              load_reference_curves, require_conversational, summary_line)
 
 
 @dataclass
@@ -77,6 +77,7 @@ def main(script_args, training_args, model_args, peft_args, callbacks=None) -> d
     if script_args.eval_policy:
         prompt_inputs, test_prompts, _ = load_prompts(script_args.prompts_path, script_args.prompts_test_split, None,
                                                       max_train=script_args.eval_max_samples)
+        require_conversational(test_prompts, "eval_policy", skip="eval_policy: false")  # else it fails after training
     scorer = RewardModelScorer(script_args.reward_model_path, trust_remote_code=training_args.trust_remote_code) \
         if script_args.eval_policy else None
 
