@@ -59,8 +59,8 @@ def parse_config(dataclass_types: list[type], args: list[str] | None = None) -> 
     from trl import TrlParser
 
     class _Parser(TrlParser):
-        def error(self, message):  # argparse would print its whole usage text
-            raise UserError(f"{config_path or 'command line'}: {message}")
+        def error(self, message):  # argparse would print its whole usage text; the YAML was checked above
+            raise UserError(f"command line: {message}")
 
     key_lines: dict = {}  # top-level key -> line, for messages about its value
 
@@ -119,6 +119,11 @@ def parse_config(dataclass_types: list[type], args: list[str] | None = None) -> 
     try:
         parsed = parser.parse_args_into_dataclasses(args=args)
     except ValueError as err:
+        if str(err).startswith("Some specified arguments are not used"):  # HfArgumentParser's leftovers
+            leftover = str(err).split(": ", 1)[-1]
+            flags = [a.split("=")[0] for a in args if a.startswith("--") and repr(a) in leftover]
+            raise UserError(f"command line: unknown flag(s) {', '.join(flags)}" if flags else
+                            f"command line: arguments that are no flag's value: {leftover}") from None
         raise UserError(f"{config_path or 'command line'}: {str(err).splitlines()[0]}") from None
     if any(getattr(obj, "hub_token", None) for obj in parsed):  # never echo it
         raise UserError(f"{config_path or 'command line'}: hub_token: give the Hub token through HF_TOKEN or "

@@ -238,3 +238,16 @@ def test_a_judge_without_a_trained_score_head_is_refused(tiny_sft, tiny_reward, 
     eval_recipe.main(*eval_recipe.parse_args([*base, "--reward_model_name_or_path", str(tiny_reward),
                                               "--output_dir", str(tmp_path / "eval")]))
     assert (tmp_path / "eval" / "manifest.json").is_file()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--no_such_flag", "3", "--other=2"), "command line: unknown flag(s) --no_such_flag, --other"),
+    (("stray",), "command line: arguments that are no flag's value: ['stray']"),
+    (("--learning_rate", "abc"), "command line: argument --learning_rate/--learning-rate: invalid float value: "
+                                 "'abc'"),
+])
+def test_a_bad_flag_is_reported_against_the_command_line_not_the_yaml(flags, message):
+    """The YAML's keys and values are checked against the file first; these were blamed on it."""
+    with pytest.raises(UserError) as err:
+        sft.parse_args(["--config", str(REPO_ROOT / "recipes/sft/tiny.yaml"), *flags])
+    assert str(err.value) == message
