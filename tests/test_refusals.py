@@ -79,6 +79,16 @@ def test_an_output_dir_that_is_an_input_is_refused_and_the_input_kept(tiny_data,
         assert _listing(path) == before
 
 
+def _without_chat_template(model_dir, copy):
+    shutil.copytree(model_dir, copy)
+    (copy / "chat_template.jinja").unlink(missing_ok=True)
+    config_path = copy / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config.pop("chat_template", None)
+    config_path.write_text(json.dumps(config))
+    return copy
+
+
 def test_a_tokenizer_the_model_cannot_read_is_one_line(tiny_pretrained, tiny_chat_data, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -101,13 +111,7 @@ def test_a_tokenizer_the_model_cannot_read_is_one_line(tiny_pretrained, tiny_cha
     with pytest.raises(UserError, match=f"^{truncated}: "):
         load_pretrained(str(truncated), AutoModelForCausalLM)
 
-    untemplated = tmp_path / "no_template"
-    shutil.copytree(tiny_pretrained, untemplated)
-    (untemplated / "chat_template.jinja").unlink(missing_ok=True)
-    config_path = untemplated / "tokenizer_config.json"
-    config = json.loads(config_path.read_text())
-    config.pop("chat_template", None)
-    config_path.write_text(json.dumps(config))
+    untemplated = _without_chat_template(tiny_pretrained, tmp_path / "no_template")
     for module, config_file, data in ((sft, "recipes/sft/tiny.yaml", tiny_chat_data["sft"]),
                                       (reward, "recipes/reward/tiny.yaml", tiny_chat_data["preference"])):
         with pytest.raises(UserError, match=f"^{untemplated}: the tokenizer has no chat template"):
@@ -251,3 +255,23 @@ def test_a_bad_flag_is_reported_against_the_command_line_not_the_yaml(flags, mes
     with pytest.raises(UserError) as err:
         sft.parse_args(["--config", str(REPO_ROOT / "recipes/sft/tiny.yaml"), *flags])
     assert str(err.value) == message
+
+
+def test_eval_of_chat_metrics_without_a_chat_template_is_one_line(tiny_sft, tiny_reward, tiny_chat_data, tmp_path):
+    """transformers stopped mid-run with a ValueError; the win_rate opponent only after the other metrics."""
+    untemplated = _without_chat_template(tiny_sft, tmp_path / "no_template")
+    base = ["--config", str(REPO_ROOT / "recipes/eval/tiny.yaml"), "--chat_dataset_path", str(tiny_chat_data["sft"]),
+            "--max_samples", "2", "--max_new_tokens", "2", "--output_dir", str(tmp_path / "eval")]
+    with pytest.raises(UserError) as err:
+        eval_recipe.main(*eval_recipe.parse_args([*base, "--model_name_or_path", str(untemplated),
+                                                  "--metrics", "exact_match", "safety"]))
+    assert str(err.value) == (f"model_name_or_path: the tokenizer of {untemplated} has no chat template, which "
+                              "exact_match, safety need (evaluate a chat model, e.g. the SFT recipe's output)")
+    assert not (tmp_path / "eval").exists()
+    with pytest.raises(UserError) as err:
+        eval_recipe.main(*eval_recipe.parse_args([*base, "--model_name_or_path", str(tiny_sft), "--metrics", "win_rate",
+                                                  "--reward_model_name_or_path", str(tiny_reward),
+                                                  "--compare_model_name_or_path", str(untemplated)]))
+    assert str(err.value).startswith(f"compare_model_name_or_path: the tokenizer of {untemplated} has no chat "
+                                     "template, which win_rate need")
+    assert not (tmp_path / "eval").exists()

@@ -143,6 +143,8 @@ def main(args: EvalArguments) -> dict:
     if set(wanted) - {"reward_accuracy"}:
         model, tokenizer, checkpoint = load_pretrained(args.model_name_or_path, AutoModelForCausalLM,
                                                        args.trust_remote_code, dtype=dtype)
+        _require_chat_template("model_name_or_path", args.model_name_or_path, tokenizer,
+                               set(wanted) & {*CHAT_METRICS, "pass_at_k"})
         model.to(device)
     judge = judge_tokenizer = None
     if {"reward_accuracy", "win_rate"} & set(wanted):
@@ -151,6 +153,8 @@ def main(args: EvalArguments) -> dict:
             dtype=dtype)
         refuse_untrained_score_head("reward_model_name_or_path", args.reward_model_name_or_path, judge,
                                     judge_manifest)
+        _require_chat_template("reward_model_name_or_path", args.reward_model_name_or_path, judge_tokenizer,
+                               set(wanted) & {"reward_accuracy", "win_rate"})
         judge.to(device)
     evaluated = args.model_name_or_path
     if model is None:  # reward_accuracy alone: the checkpoint under evaluation is the judge
@@ -198,6 +202,8 @@ def main(args: EvalArguments) -> dict:
             prompts = [r["messages"][:-1] for r in chat_rows[:n]]
             other, other_tokenizer, _ = load_pretrained(args.compare_model_name_or_path, AutoModelForCausalLM,
                                                         args.trust_remote_code, dtype=dtype)
+            _require_chat_template("compare_model_name_or_path", args.compare_model_name_or_path, other_tokenizer,
+                                   {"win_rate"})
             replies_b = generation.generate_replies(other.to(device), other_tokenizer, prompts, args.max_new_tokens,
                                                     args.generation_batch_size)
             del other
@@ -327,6 +333,15 @@ def library_versions() -> dict:
         except PackageNotFoundError:
             versions[name] = None
     return versions
+
+
+
+def _require_chat_template(key: str, path: str, tokenizer, metrics: set) -> None:
+    """These metrics render conversations with the tokenizer's chat template; without one transformers stops
+    mid-run with a ValueError and a traceback."""
+    if metrics and not tokenizer.chat_template:
+        raise UserError(f"{key}: the tokenizer of {path} has no chat template, which {', '.join(sorted(metrics))} "
+                        "need (evaluate a chat model, e.g. the SFT recipe's output)")
 
 
 def parse_args(argv: list[str] | None = None):
