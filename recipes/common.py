@@ -349,6 +349,20 @@ def check_special_tokens(training_args, tokenizer, model_path: str) -> None:
             raise UserError(f"{key}: {token!r} is not in the vocabulary of the tokenizer of {model_path}")
 
 
+def check_max_length(training_args, model, model_path: str) -> None:
+    """A max_length past the model's positions fails at the first long batch (an index error, learned
+    positions) or trains on positions it never saw (RoPE); refused before the trainer is built."""
+    max_length = training_args.max_length
+    if max_length is None:
+        return
+    if max_length < 1:
+        raise UserError(f"max_length must be >= 1, got {max_length}")
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions is not None and max_length > positions:
+        raise UserError(f"max_length {max_length} is longer than max_position_embeddings {positions} of "
+                        f"{model_path}")
+
+
 def _looks_local(path: str) -> bool:
     """Hub ids are `name` or `org/name`; anything else, or a path under outputs/, is a local directory."""
     return path.startswith((".", "/", "~")) or path.count("/") > 1 or Path(path).parts[0] == "outputs"

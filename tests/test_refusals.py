@@ -275,3 +275,17 @@ def test_eval_of_chat_metrics_without_a_chat_template_is_one_line(tiny_sft, tiny
     assert str(err.value).startswith(f"compare_model_name_or_path: the tokenizer of {untemplated} has no chat "
                                      "template, which win_rate need")
     assert not (tmp_path / "eval").exists()
+
+
+@pytest.mark.parametrize("recipe", ["sft", "reward", "dpo"])
+def test_a_max_length_past_the_models_positions_is_refused(recipe, tiny_sft, tiny_chat_data, tmp_path):
+    module, config = TRAINING[recipe]
+    data = tiny_chat_data["sft" if recipe == "sft" else "preference"]
+    positions = json.loads((tiny_sft / "config.json").read_text())["max_position_embeddings"]
+    argv = ["--config", str(REPO_ROOT / config), "--model_name_or_path", str(tiny_sft), "--dataset_path", str(data),
+            "--output_dir", str(tmp_path / "out"), "--max_length", str(positions + 1)]
+    with pytest.raises(UserError) as err:
+        module.main(*module.parse_args([*argv, "--eval_policy", "false"] if recipe == "dpo" else argv))
+    assert str(err.value) == (f"max_length {positions + 1} is longer than max_position_embeddings {positions} of "
+                              f"{tiny_sft}")
+    assert not (tmp_path / "out").exists()

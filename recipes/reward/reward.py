@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from trl import ModelConfig, RewardConfig, RewardTrainer
 
 from data_prep.artifacts import UserError, build_manifest, parse_config, refuse_overlap, run_cli, write_manifest
-from recipes.common import (account_for_dropped_rows, check_special_tokens, check_training_numbers,
+from recipes.common import (account_for_dropped_rows, check_max_length, check_special_tokens, check_training_numbers,
                             keep_token_count_across_resume, load_pretrained, load_splits, mark_incomplete, model_card,
                             no_zero3_init, publish, resolve_resume, save_trained, training_summary,
                             with_cpu_process_group)
@@ -76,6 +76,7 @@ def main(script_args, training_args, model_args, peft_args, callbacks=None) -> d
         raise UserError(f"{model_path}: the tokenizer has no chat template (the reward model starts from a chat "
                         "model, e.g. the SFT recipe's output)")
     check_special_tokens(training_args, tokenizer, model_path)
+    check_max_length(training_args, model, model_path)
     peft_config = build_peft_config(model_args, peft_args, model)
 
     # ------------------------------------------------------------------ trainer

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from trl import DPOConfig, ModelConfig
 
 from data_prep.artifacts import UserError, parse_config, run_cli
-from recipes.common import (check_settings, check_special_tokens, check_training_numbers,
+from recipes.common import (check_max_length, check_settings, check_special_tokens, check_training_numbers,
                             fused_head_on_labelled_positions_only, keep_token_count_across_resume, load_splits,
                             mark_incomplete, resolve_resume, save_trained, training_summary, with_cpu_process_group)
 from recipes.peft_methods import PeftMethodArguments, build_peft_config, trainable_parameters
@@ -86,6 +86,7 @@ def main(script_args, training_args, model_args, peft_args, callbacks=None) -> d
     model_path = model_args.model_name_or_path
     model, tokenizer, parent = load_policy(model_args, training_args.trust_remote_code)
     check_special_tokens(training_args, tokenizer, model_path)
+    check_max_length(training_args, model, model_path)
     peft_config = build_peft_config(model_args, peft_args, model)
 
     # ------------------------------------------------------------------ trainer

@@ -27,10 +27,11 @@ from pathlib import Path
 from trl import ModelConfig, SFTConfig
 
 from data_prep.artifacts import UserError, build_manifest, parse_config, refuse_overlap, run_cli, write_manifest
-from recipes.common import (account_for_dropped_rows, check_settings, check_special_tokens, check_training_numbers,
-                            fused_head_on_labelled_positions_only, keep_token_count_across_resume, load_pretrained,
-                            load_splits, mark_incomplete, model_card, no_zero3_init, publish, resolve_resume,
-                            save_trained, training_summary, with_cpu_process_group)
+from recipes.common import (account_for_dropped_rows, check_max_length, check_settings, check_special_tokens,
+                            check_training_numbers, fused_head_on_labelled_positions_only,
+                            keep_token_count_across_resume, load_pretrained, load_splits, mark_incomplete, model_card,
+                            no_zero3_init, publish, resolve_resume, save_trained, training_summary,
+                            with_cpu_process_group)
 from recipes.peft_methods import (PeftMethodArguments, build_peft_config, quantization_config, refuse_broken_combination,
                                   trainable_parameters)
 
@@ -86,6 +87,7 @@ def main(script_args, training_args, model_args, peft_args, callbacks=None) -> d
         raise UserError(f"{model_path}: the chat template has no {{% generation %}} markers, which "
                         "assistant_only_loss needs to find the assistant tokens")
     check_special_tokens(training_args, tokenizer, model_path)
+    check_max_length(training_args, model, model_path)
     peft_config = build_peft_config(model_args, peft_args, model)
     if script_args.merge_adapter and not (model_args.use_peft and peft_args.peft_method == "lora"):
         raise UserError("merge_adapter: only LoRA adapters can be merged into the base weights")
