@@ -334,7 +334,8 @@ def refuse_untrained_score_head(key: str, path: str, model, manifest: dict) -> N
         raise UserError(f"{key}: {path} is a {stage} output, not a reward model (its score head would be "
                         "untrained); pass the reward recipe's output")
     architectures = getattr(getattr(model, "base_model", model).config, "architectures", None) or []
-    if stage is None and architectures and not any(a.endswith("ForSequenceClassification") for a in architectures):
+    scoring = ("ForSequenceClassification", "RewardModel")  # the second: remote-code reward classes
+    if stage is None and architectures and not any(a.endswith(scoring) for a in architectures):
         raise UserError(f"{key}: {path} is a {architectures[0]}, not a sequence classifier (its score head would "
                         "be untrained)")
 

@@ -335,7 +335,6 @@ def library_versions() -> dict:
     return versions
 
 
-
 def _require_chat_template(key: str, path: str, tokenizer, metrics: set) -> None:
     """These metrics render conversations with the tokenizer's chat template; without one transformers stops
     mid-run with a ValueError and a traceback."""

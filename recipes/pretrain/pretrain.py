@@ -155,7 +155,8 @@ def main(script_args, training_args, arch_args, callbacks=None) -> dict:
     try:
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     except ImportError as err:  # flash_attention_2/3 without its package
-        raise UserError(f"attn_implementation '{arch_args.attn_implementation}': {str(err).splitlines()[0]}") from None
+        raise UserError(f"attn_implementation '{arch_args.attn_implementation}': "
+                        f"{str(err).splitlines()[0]}") from None
     partitioned_at_init = hasattr(next(model.parameters()), "ds_numel")  # True when zero.Init built it
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # full size under ZeRO-3
 
