@@ -161,9 +161,11 @@ def test_max_steps_sets_the_number_of_updates(tiny_sft, tiny_reward, tiny_chat_d
 
 
 def test_periodic_evaluation_is_refused_not_ignored(tiny_sft, tiny_reward, tiny_chat_data, tmp_path):
-    with pytest.raises(UserError, match=r'^eval_strategy: PPO evaluates .* \(got "steps"\)$'):
-        run_ppo(ppo_argv(tiny_sft, tiny_reward, tiny_chat_data, tmp_path / "run", "--eval_strategy", "steps",
-                         "--eval_steps", "1"))
+    from recipes.rl import ppo
+
+    with pytest.raises(UserError, match=r'^eval_strategy: PPO evaluates .* \(got "steps"\)$'):  # while parsing
+        ppo.parse_args(ppo_argv(tiny_sft, tiny_reward, tiny_chat_data, tmp_path / "run", "--eval_strategy", "steps",
+                                "--eval_steps", "1"))
 
 
 def test_push_to_hub_uploads_the_finished_policy_only(fake_hub, tiny_sft, tiny_reward, tiny_chat_data, tmp_path):

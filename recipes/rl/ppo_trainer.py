@@ -92,6 +92,10 @@ class PPOConfig(TrainingArguments):
                        non_negative=("kl_coef", "cliprange", "cliprange_value", "vf_coef", "gamma", "lam",
                                      "critic_warmup_updates", "critic_learning_rate"),
                        at_most_1=("top_p", "gamma", "lam"))
+        eval_strategy = getattr(self.eval_strategy, "value", self.eval_strategy)
+        if eval_strategy != "no":  # the PPO loop has no periodic evaluation; never ignore the setting silently
+            raise UserError(f"eval_strategy: PPO evaluates the held-out prompts before and after training only; "
+                            f"set it to \"no\" (got \"{eval_strategy}\")")
         if getattr(self.save_strategy, "value", self.save_strategy) == "best":
             raise UserError("save_strategy: \"best\" needs a periodic evaluation, which PPO has not; use \"steps\" "
                             "or \"epoch\"")
@@ -304,9 +308,6 @@ class PPOTrainer(Trainer):
 
     def __init__(self, args: PPOConfig, processing_class, model, ref_model, value_model, reward_funcs: list[Callable],
                  train_dataset, callbacks=None):
-        if args.eval_strategy != "no":  # the PPO loop has no periodic evaluation; never ignore the setting silently
-            raise UserError(f"eval_strategy: PPO evaluates the held-out prompts before and after training only; "
-                            f"set it to \"no\" (got \"{args.eval_strategy.value}\")")
         self.reward_funcs = list(reward_funcs)
         weights = args.reward_weights or [1.0] * len(self.reward_funcs)
         if not self.reward_funcs or len(weights) != len(self.reward_funcs):
