@@ -328,14 +328,23 @@ def load_pretrained(path: str, auto_class, trust_remote_code: bool = False, **kw
 def refuse_untrained_score_head(key: str, path: str, model, manifest: dict) -> None:
     """A model that never had a score head loads as a reward model with a fresh random one, and judges at
     chance (an SFT model's reward_accuracy came out 0.5). Ours say what they are in the manifest; a Hub
-    model in its config's `architectures`."""
+    adapter in its task type, a Hub model in its config's `architectures`."""
     stage = manifest.get("stage")
-    if stage is not None and stage != "reward":
-        raise UserError(f"{key}: {path} is a {stage} output, not a reward model (its score head would be "
-                        "untrained); pass the reward recipe's output")
-    architectures = getattr(getattr(model, "base_model", model).config, "architectures", None) or []
+    if stage is not None:
+        if stage != "reward":
+            raise UserError(f"{key}: {path} is a {stage} output, not a reward model (its score head would be "
+                            "untrained); pass the reward recipe's output")
+        return
+    adapters = getattr(model, "peft_config", None)  # a PEFT adapter's base config names the causal LM
+    if adapters:
+        task = getattr(next(iter(adapters.values())), "task_type", None)
+        if getattr(task, "value", task) != "SEQ_CLS":
+            raise UserError(f"{key}: {path} is a {getattr(task, 'value', task)} adapter, not a SEQ_CLS one (its "
+                            "score head would be untrained)")
+        return
+    architectures = getattr(model.config, "architectures", None) or []
     scoring = ("ForSequenceClassification", "RewardModel")  # the second: remote-code reward classes
-    if stage is None and architectures and not any(a.endswith(scoring) for a in architectures):
+    if architectures and not any(a.endswith(scoring) for a in architectures):
         raise UserError(f"{key}: {path} is a {architectures[0]}, not a sequence classifier (its score head would "
                         "be untrained)")
 

@@ -194,6 +194,12 @@ def test_lora_reward_model_reloads_with_identical_scores(tiny_pretrained, tiny_c
     assert again["accuracy"] == pytest.approx(metrics["pairwise_after"]["accuracy"])
     assert again["mean_margin"] == pytest.approx(metrics["pairwise_after"]["mean_margin"], abs=1e-5)
 
+    # without our manifest (a Hub adapter) it is still a judge: its task type, not its base's class, says so
+    from recipes.common import load_pretrained, refuse_untrained_score_head
+    (out / "manifest.json").unlink()
+    judge, _, manifest = load_pretrained(str(out), AutoModelForSequenceClassification, num_labels=1)
+    refuse_untrained_score_head("reward_model_path", str(out), judge, manifest)
+
 
 def test_ia3_reward_model_trains_and_prompt_learning_is_refused(tiny_pretrained, tiny_chat_data, tmp_path):
     out = tmp_path / "rm_ia3"
