@@ -256,6 +256,8 @@ def check_training_numbers(args, epochs_matter: bool = True) -> None:
         raise UserError(f"max_steps must be >= 1, or -1 to train num_train_epochs epochs; got {args.max_steps}")
     if epochs_matter and args.max_steps == -1 and not args.num_train_epochs > 0:
         raise UserError(f"num_train_epochs must be > 0 (or set max_steps), got {args.num_train_epochs}")
+    if hasattr(args, "max_length"):  # SFT, reward, DPO; a zero length tokenized every row to nothing
+        check_settings(args, at_least_1=("max_length",))
 
 
 def account_for_dropped_rows(trainer, given: dict[str, int], why: str, log) -> None:
@@ -365,8 +367,6 @@ def check_max_length(training_args, model, model_path: str) -> None:
     max_length = training_args.max_length
     if max_length is None:
         return
-    if max_length < 1:
-        raise UserError(f"max_length must be >= 1, got {max_length}")
     positions = getattr(model.config, "max_position_embeddings", None)
     if positions is not None and max_length > positions:
         raise UserError(f"max_length {max_length} is longer than max_position_embeddings {positions} of "

@@ -38,6 +38,8 @@ def test_training_numbers_no_run_can_use_stop_while_parsing(recipe, flags, messa
 
 
 @pytest.mark.parametrize("module, config, flags, message", [
+    *[(module, config, ("--max_length", "0"), "max_length must be >= 1, got 0")  # refused after the model loaded
+      for name, (module, config) in TRAINING.items() if name != "pretrain"],  # pretraining's length is block_size
     (sft, "recipes/sft/tiny.yaml", ("--eval_max_new_tokens", "0"), "eval_max_new_tokens must be >= 1, got 0"),
     (sft, "recipes/sft/tiny.yaml", ("--eval_max_samples", "0"), "eval_max_samples must be >= 1, got 0"),
     (pretrain, "recipes/pretrain/tiny.yaml", ("--peak_tflops", "0"), "peak_tflops must be > 0, got 0.0"),
