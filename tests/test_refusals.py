@@ -201,25 +201,28 @@ def test_an_encoder_family_is_built_as_a_decoder(tiny_data):
 
 
 @pytest.mark.parametrize("recipe, why", [("sft", "no assistant token left after truncation"),
-                                         ("reward", "a side longer than max_length")])
+                                         ("reward", "a side longer than max_length"),
+                                         ("dpo", "the prompt alone fills max_length, so no reply token is left")])
 def test_rows_trl_drops_at_max_length_are_counted_and_an_emptied_split_refused(recipe, why, tiny_sft, tiny_chat_data,
                                                                                tmp_path, capsys):
-    """TRL drops these rows without a word; every one dropped stopped Trainer with an IndexError."""
+    """TRL drops these rows without a word; every one dropped stopped Trainer with an IndexError (SFT, reward)
+    or a ValueError (DPO)."""
     module, config = TRAINING[recipe]
     data = tiny_chat_data["sft" if recipe == "sft" else "preference"]
     base = ["--config", str(REPO_ROOT / config), "--model_name_or_path", str(tiny_sft), "--dataset_path", str(data),
             "--disable_tqdm", "true"]
     from datasets import load_from_disk
     rows = len(load_from_disk(str(data))["train"])
+    no_eval = {"sft": "--eval_exact_match", "reward": "--eval_pairwise_accuracy", "dpo": "--eval_policy"}[recipe]
+    base += [no_eval, "false"]
     with pytest.raises(UserError) as err:
         module.main(*module.parse_args([*base, "--output_dir", str(tmp_path / "empty"), "--max_length", "4"]))
     assert str(err.value) == f"max_length 4: all {rows} train rows were dropped ({why}); raise max_length"
     assert not list((tmp_path / "empty").glob("*"))  # Trainer makes the directory; nothing is written in it
 
-    partial = {"sft": "40", "reward": "64"}[recipe]
+    partial = {"sft": "40", "reward": "64", "dpo": "36"}[recipe]  # DPO: the median prompt here is 36 tokens
     module.main(*module.parse_args([*base, "--output_dir", str(tmp_path / "partial"), "--max_length", partial,
-                                    "--max_steps", "1", "--eval_strategy", "no",
-                                    "--eval_exact_match" if recipe == "sft" else "--eval_pairwise_accuracy", "false"]))
+                                    "--max_steps", "1", "--eval_strategy", "no"]))
     logged = [line for line in capsys.readouterr().out.splitlines() if "rows dropped" in line]
     assert len(logged) == 1 and logged[0].endswith(f" of {rows} train rows dropped at max_length {partial} ({why})")
 

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from trl import DPOConfig, ModelConfig
 
 from data_prep.artifacts import UserError, parse_config, run_cli
-from recipes.common import (check_max_length, check_settings, check_special_tokens, check_training_numbers,
+from recipes.common import (account_for_dropped_rows, check_max_length, check_settings, check_special_tokens, check_training_numbers,
                             fused_head_on_labelled_positions_only, keep_token_count_across_resume, load_splits,
                             mark_incomplete, resolve_resume, save_trained, training_summary, with_cpu_process_group)
 from recipes.peft_methods import PeftMethodArguments, build_peft_config, trainable_parameters
@@ -96,13 +96,19 @@ def main(script_args, training_args, model_args, peft_args, callbacks=None) -> d
     trainer = DPOTrainer(model=model, args=training_args, train_dataset=train_pairs,
                          eval_dataset=test_pairs if training_args.eval_strategy != "no" else None,
                          processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
+    if training_args.max_length is not None:
+        given = {"train": len(train_pairs)}
+        if trainer.eval_dataset is not None:
+            given["test"] = len(test_pairs)
+        account_for_dropped_rows(trainer, given, "the prompt alone fills max_length, so no reply token is left",
+                                 lambda message: _log(trainer, message))
     # a bad resume_from_checkpoint is refused before the finished run's manifest goes
     resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
     if trainer.is_world_process_zero():
         mark_incomplete(training_args.output_dir)
     trainable, total = trainable_parameters(trainer.model)
     _log(trainer, f"{type(trainer.model).__name__}: {trainable:,} of {total:,} parameters trainable; "
-                  f"{len(train_pairs)} pairs, beta {training_args.beta}, loss {training_args.loss_type}")
+                  f"{len(trainer.train_dataset)} pairs, beta {training_args.beta}, loss {training_args.loss_type}")
 
     # ------------------------------------------------------------------ train
     keep_token_count_across_resume(trainer, resume)
