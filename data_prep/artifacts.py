@@ -10,6 +10,7 @@ renamed into place, so an interrupted run never leaves something that looks done
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -316,6 +317,69 @@ def refuse_overlap(output_dir: str | Path, inputs: dict[str, str | Path | None] 
                             "directory, so it must lie apart from its inputs")
 
 
+def claim_output_dir(output_dir: str | Path, stage: str, inputs: dict | list = (), ours=None) -> None:
+    """Refuse, before any work, an output_dir this stage must not replace: one that overlaps an input
+    (`refuse_overlap`), the current directory, a file, another stage's output, or a folder of other files.
+    A stage replaces its output directory (a data_prep stage whole, a training recipe all but its
+    checkpoints), so it may take only a missing or empty directory or an earlier output of its own stage.
+    `ours(name)`: the names an unfinished run of a training recipe leaves without a manifest (checkpoints,
+    logs, its bookkeeping); a data_prep stage leaves none, as it builds beside output_dir and renames."""
+    refuse_overlap(output_dir, inputs)
+    out = Path(output_dir)
+    if str(output_dir).strip() == "":
+        raise UserError("output_dir is empty; name a directory")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output_dir {output_dir} is a file")
+    resolved, here = out.resolve(), Path.cwd().resolve()
+    if resolved == here or resolved in here.parents:
+        raise UserError(f"output_dir {output_dir} is or holds the current directory, which a stage cannot replace; "
+                        "name a directory below it")
+    if not out.is_dir():
+        return
+    manifest = out / MANIFEST_NAME
+    if manifest.is_file():
+        try:
+            found = json.loads(manifest.read_text(encoding="utf-8"))
+            found = found.get("stage") if isinstance(found, dict) else None
+            what = f"the output of stage '{found}'" if found else f"a {MANIFEST_NAME} that names no stage"
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            found, what = None, f"a damaged {MANIFEST_NAME} (not JSON)"
+        if found == stage:
+            return
+        raise UserError(f"output_dir {output_dir} holds {what}, which this {stage} stage would replace; choose "
+                        "another output_dir")
+    others = sorted(entry.name for entry in out.iterdir() if not (ours and ours(entry.name)))
+    if others:
+        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        raise UserError(f"output_dir {output_dir} is not an earlier {stage} output (it has no {MANIFEST_NAME}) and "
+                        f"holds {shown}, which this {stage} stage would delete; choose another output_dir or empty it")
+
+
+def refuse_unread_options(args, choice: str, read_by: dict[str, tuple[str, ...]]) -> None:
+    """Refuse an option set away from its default that the chosen `choice` (--source, --kind) never reads: a
+    forgotten `--source local` would otherwise build the embedded data, and `--text_field body` change nothing,
+    without a word. `read_by` maps an option to the choices that read it."""
+    chosen = getattr(args, choice)
+    for spec in dataclasses.fields(args):
+        if spec.name not in read_by or chosen in read_by[spec.name]:
+            continue
+        default = spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
+        if getattr(args, spec.name) != default:
+            raise UserError(f"{spec.name} is only read with --{choice} {' or '.join(read_by[spec.name])}, but "
+                            f"{choice} is {chosen}")
+
+
+def load_saved_dataset(path: str | Path):
+    """`datasets.load_from_disk` of a finished output, read after its manifest: files damaged behind a valid
+    manifest (a truncated arrow file, a half-written state.json) stop in one line that names the directory."""
+    from datasets import load_from_disk
+
+    try:
+        return load_from_disk(str(path))
+    except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError, a short read an OSError
+        raise UserError(f"{path}: a damaged saved dataset ({str(err).splitlines()[0]})") from None
+
+
 @contextlib.contextmanager
 def atomic_output_dir(output_dir: str | Path, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary sibling directory that replaces `output_dir` only on success (check the stage's
@@ -338,7 +402,13 @@ def atomic_output_dir(output_dir: str | Path, overwrite: bool = True) -> Iterato
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     old = output_dir.parent / f".{output_dir.name}.old-{os.getpid()}"
-    if output_dir.exists():
-        os.replace(output_dir, old)
-    os.replace(tmp, output_dir)
+    try:
+        if output_dir.exists():
+            os.replace(output_dir, old)
+        os.replace(tmp, output_dir)
+    except OSError as err:  # a directory in use, another file system: nothing is half replaced
+        if old.exists() and not output_dir.exists():
+            os.replace(old, output_dir)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"output directory {output_dir}: could not be replaced ({err.strerror})") from None
     shutil.rmtree(old, ignore_errors=True)

@@ -21,10 +21,11 @@ from data_prep.artifacts import (
     UserError,
     atomic_output_dir,
     build_manifest,
+    claim_output_dir,
     file_fingerprint,
     fingerprint,
     parse_config,
-    refuse_overlap,
+    refuse_unread_options,
     run_cli,
     write_manifest,
 )
@@ -84,12 +85,11 @@ def build_corpus(args: CorpusArguments) -> dict:
             raise UserError(f"{key} must be >= 1 (or unset, for everything), got {getattr(args, key)}")
     if args.seed < 0:
         raise UserError(f"seed must be >= 0, got {args.seed}")
-    for key, source in (("input_paths", "local"), ("hub_dataset", "hub"), ("hub_config", "hub"),
-                        ("max_stdlib_files", "stdlib")):  # a forgotten --source would build another corpus
-        if getattr(args, key) and args.source != source:
-            raise UserError(f"{key} is only read with --source {source}, but source is {args.source}")
-    refuse_overlap(args.output_dir, [("input", path) for path in args.input_paths]
-                   + [("hub_dataset", args.hub_dataset if args.source == "hub" else None)])
+    refuse_unread_options(args, "source", {"input_paths": ("local",), "hub_dataset": ("hub",), "hub_config": ("hub",),
+                                           "hub_split": ("hub",), "text_field": ("local", "hub"),
+                                           "max_stdlib_files": ("stdlib",)})
+    claim_output_dir(args.output_dir, "corpus", [("input", path) for path in args.input_paths]
+                     + [("hub_dataset", args.hub_dataset if args.source == "hub" else None)])
     reader = make_reader(args)
     steps = [reader, Normalizer(min_chars=args.min_chars), ExactDedup()]
     rows = {"text": [], "id": [], "source": []}

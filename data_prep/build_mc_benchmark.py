@@ -34,7 +34,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data_prep.artifacts import (UserError, atomic_output_dir, build_manifest, fingerprint,
+from data_prep.artifacts import (UserError, atomic_output_dir, build_manifest, claim_output_dir, fingerprint,
                                  parse_config, run_cli, write_manifest)
 from data_prep.chat_tasks import CONVERSIONS, DOCSTRING_MODULES, _unit, docstring_pool
 
@@ -141,6 +141,7 @@ def task_yaml(task: str, data_file: Path) -> str:
 
 def build_mc_benchmark(args: MCBenchmarkArguments) -> dict:
     """Write the JSONL files, task YAMLs and manifest; returns the manifest."""
+    claim_output_dir(args.output_dir, "mc_benchmark")
     if args.num_choices < 2:
         raise UserError(f"num_choices must be at least 2, got {args.num_choices}")
     if args.num_choices > 4:

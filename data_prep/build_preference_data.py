@@ -34,6 +34,7 @@ from data_prep.artifacts import (
     atomic_output_dir,
     build_manifest,
     file_fingerprint,
+    load_saved_dataset,
     parse_config,
     read_manifest,
     run_cli,
@@ -123,15 +124,20 @@ def _kind(value) -> str:
     return "a list of messages" if isinstance(value, list) else "a string"
 
 
+# the sources that read each option (margin has its own message: only embedded prompts come with rankings)
+SOURCE_OPTIONS = {"sft_data_dir": ("embedded",), "input_path": ("local",),
+                  **dict.fromkeys(("dataset_name", "dataset_config", "train_split", "test_split"), ("hub",)),
+                  **dict.fromkeys(("format", "max_rows"), ("local", "hub"))}
+
+
 def build_pairs(args: PreferenceDataArguments) -> tuple[dict[str, list[dict]], dict]:
     if args.margin not in ("none", "rank"):
         raise UserError(f"margin must be none or rank, got '{args.margin}'")
-    check_source_options(args, args.sft_data_dir if args.source == "embedded" else None)
+    check_source_options(args, args.sft_data_dir if args.source == "embedded" else None, "preference_data",
+                         SOURCE_OPTIONS)
     if args.source == "embedded":
-        from datasets import load_from_disk
-
         sft_manifest = read_manifest(args.sft_data_dir, "sft_data", stage="sft_data")
-        sft = load_from_disk(args.sft_data_dir)
+        sft = load_saved_dataset(args.sft_data_dir)
         if "preference_prompts" not in sft:
             raise UserError(f"sft_data directory {args.sft_data_dir} has no preference_prompts split "
                             f"(build it with data_prep.build_sft_data --source embedded and --preference_size above 0)")
@@ -180,9 +186,9 @@ def build_preference_data(args: PreferenceDataArguments) -> dict:
     data = DatasetDict({name: Dataset.from_list(pairs) for name, pairs in splits.items()})
     outputs = {name: {"pairs": len(pairs), "tasks": dict(sorted(Counter(p.get("task", "") for p in pairs).items()))}
                for name, pairs in splits.items()}
-    hub_only = ("input_path", "dataset_name", "dataset_config", "train_split", "test_split", "format", "max_rows")
-    skip = ("output_dir", "overwrite", "sft_data_dir", *(hub_only if args.source == "embedded" else ()))
-    options = {k: v for k, v in vars(args).items() if k not in skip}
+    options = {k: v for k, v in vars(args).items()  # sft_data_dir is an input, with its fingerprint
+               if k not in ("output_dir", "overwrite", "sft_data_dir")
+               and args.source in SOURCE_OPTIONS.get(k, (args.source,))}
     manifest = build_manifest("preference_data", inputs, options, outputs)
     with atomic_output_dir(args.output_dir, args.overwrite) as tmp:
         data.save_to_disk(str(tmp))

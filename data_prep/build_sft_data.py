@@ -34,10 +34,11 @@ from data_prep.artifacts import (
     UserError,
     atomic_output_dir,
     build_manifest,
+    claim_output_dir,
     file_fingerprint,
     fingerprint,
     parse_config,
-    refuse_overlap,
+    refuse_unread_options,
     run_cli,
     write_manifest,
 )
@@ -150,21 +151,27 @@ def dedup(rows: list[dict], seen: set[str]) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- build
-def check_source_options(args, local_path: str | None) -> None:
+EMBEDDED_OPTIONS = ("train_size", "test_size", "preference_size", "rl_size", "families", "train_family_weights",
+                    "system_fraction", "multi_turn_fraction", "max_docstring_functions", "train_followup_fraction")
+# the sources that read each option: another source refuses it when set, and leaves it out of the manifest
+SOURCE_OPTIONS = {**dict.fromkeys(EMBEDDED_OPTIONS, ("embedded",)), "input_path": ("local",),
+                  **dict.fromkeys(("dataset_name", "dataset_config", "train_split", "test_split"), ("hub",)),
+                  **dict.fromkeys(("format", "max_rows", "test_fraction"), ("local", "hub"))}
+
+
+def check_source_options(args, local_path: str | None, stage: str, read_by: dict[str, tuple[str, ...]]) -> None:
     """Refuse options of another source (a forgotten --source would otherwise build the embedded data instead),
-    a max_rows below 1, and an output_dir that overlaps the local input."""
-    for key, source in (("input_path", "local"), ("dataset_name", "hub")):
-        if getattr(args, key) and args.source != source:
-            raise UserError(f"{key} is only read with --source {source}, but source is {args.source}")
+    a max_rows below 1, and an output_dir this `stage` must not replace (the local input's, another stage's)."""
     if args.max_rows is not None and args.max_rows < 1:
         raise UserError(f"max_rows must be >= 1 (or unset, for all), got {args.max_rows}")
-    refuse_overlap(args.output_dir, {"input_path": args.input_path, "dataset_name": args.dataset_name,
-                                     "sft_data_dir": local_path})
+    refuse_unread_options(args, "source", read_by)
+    claim_output_dir(args.output_dir, stage, {"input_path": args.input_path, "dataset_name": args.dataset_name,
+                                              "sft_data_dir": local_path})
 
 
 def build_splits(args: SFTDataArguments) -> tuple[dict[str, list[dict]], dict]:
     """The rows of each split and the manifest's `inputs`."""
-    check_source_options(args, None)
+    check_source_options(args, None, "sft_data", SOURCE_OPTIONS)
     if args.source == "embedded":
         generator = ChatTaskGenerator(args.seed, args.families, args.system_fraction, args.multi_turn_fraction,
                                       max_docstring_functions=args.max_docstring_functions,
@@ -238,12 +245,8 @@ def build_sft_data(args: SFTDataArguments) -> dict:
         validate_messages(rows, f"{args.source} {name}")
     data = DatasetDict({name: Dataset.from_list(rows) for name, rows in splits.items() if rows})
     outputs = {name: split_stats(rows) for name, rows in splits.items()}
-    embedded_only = ("train_size", "test_size", "preference_size", "rl_size", "families", "train_family_weights",
-                     "system_fraction", "multi_turn_fraction", "max_docstring_functions", "train_followup_fraction")
-    hub_only = ("input_path", "dataset_name", "dataset_config", "train_split", "test_split", "format", "max_rows",
-                "test_fraction")
-    skip = ("output_dir", "overwrite", *(hub_only if args.source == "embedded" else embedded_only))
-    options = {k: v for k, v in vars(args).items() if k not in skip}
+    options = {k: v for k, v in vars(args).items()
+               if k not in ("output_dir", "overwrite") and args.source in SOURCE_OPTIONS.get(k, (args.source,))}
     manifest = build_manifest("sft_data", inputs, options, outputs)
     with atomic_output_dir(args.output_dir, args.overwrite) as tmp:
         data.save_to_disk(str(tmp))

@@ -21,9 +21,10 @@ from data_prep.artifacts import (
     UserError,
     atomic_output_dir,
     build_manifest,
+    claim_output_dir,
+    load_saved_dataset,
     parse_config,
     read_manifest,
-    refuse_overlap,
     run_cli,
     write_manifest,
 )
@@ -55,7 +56,7 @@ def pack_blocks(token_lists: list[list[int]], block_size: int, pad_id: int) -> d
 
 def pack_dataset(args: PackArguments) -> dict:
     import pyarrow.compute as pc
-    from datasets import DatasetDict, load_from_disk
+    from datasets import DatasetDict
 
     if args.block_size < 2:
         raise UserError(f"block_size must be at least 2, got {args.block_size}")
@@ -63,7 +64,7 @@ def pack_dataset(args: PackArguments) -> dict:
         raise UserError(f"pack_batch_size must be >= 1, got {args.pack_batch_size}")
     if args.num_proc < 1:
         raise UserError(f"num_proc must be >= 1, got {args.num_proc}")
-    refuse_overlap(args.output_dir, {"corpus_dir": args.corpus_dir, "tokenizer_dir": args.tokenizer_dir})
+    claim_output_dir(args.output_dir, "packed", {"corpus_dir": args.corpus_dir, "tokenizer_dir": args.tokenizer_dir})
     corpus_manifest = read_manifest(args.corpus_dir, "corpus", stage="corpus")
     tokenizer_manifest = read_manifest(args.tokenizer_dir, "tokenizer", stage="tokenizer")
     tokenizer = load_tokenizer(args.tokenizer_dir)
@@ -74,7 +75,7 @@ def pack_dataset(args: PackArguments) -> dict:
         encoded = backend.encode_batch(batch["text"], add_special_tokens=False)
         return pack_blocks([[bos, *enc.ids, eos] for enc in encoded], args.block_size, pad)
 
-    corpus = load_from_disk(args.corpus_dir)
+    corpus = load_saved_dataset(args.corpus_dir)
     with atomic_output_dir(args.output_dir, args.overwrite) as tmp:
         # map's cache goes into the new output, not next to the corpus: a stage never writes into its inputs
         cache = tmp / "_map_cache"

@@ -28,10 +28,12 @@ from pathlib import Path
 from data_prep.artifacts import (
     UserError,
     atomic_output_dir,
-    refuse_overlap,
     build_manifest,
+    claim_output_dir,
+    load_saved_dataset,
     parse_config,
     read_manifest,
+    refuse_unread_options,
     run_cli,
     write_manifest,
 )
@@ -175,18 +177,20 @@ def load_tokenizer(path: str | Path):
     path = Path(path)
     if not (path / "tokenizer_config.json").is_file():
         raise UserError(f"tokenizer directory not found or incomplete: {path} (run data_prep.train_tokenizer first)")
-    return AutoTokenizer.from_pretrained(str(path))
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as err:  # a truncated tokenizer.json behind a valid tokenizer_config.json
+        raise UserError(f"{path}: a damaged tokenizer ({str(err).splitlines()[0]})") from None
 
 
 def train_tokenizer(args: TokenizerArguments) -> dict:
-    from datasets import load_from_disk
-
     minimum = len(SPECIAL_TOKENS) + BYTE_ALPHABET
     if args.vocab_size < minimum:
         raise UserError(
             f"vocab_size {args.vocab_size} is smaller than the {len(SPECIAL_TOKENS)} special tokens "
             f"plus the {BYTE_ALPHABET}-byte alphabet ({minimum})"
         )
+    refuse_unread_options(args, "kind", {"spm_model_type": ("sentencepiece",)})
     if args.kind == "sentencepiece" and args.min_frequency is not None:
         raise UserError("min_frequency applies to byte_level_bpe only: the SentencePiece trainer has no such option")
     if args.kind == "byte_level_bpe":
@@ -197,9 +201,9 @@ def train_tokenizer(args: TokenizerArguments) -> dict:
         raise UserError(f"max_training_docs must be >= 1 (or unset, for all), got {args.max_training_docs}")
     if args.model_max_length < 2:
         raise UserError(f"model_max_length must be >= 2, got {args.model_max_length}")
-    refuse_overlap(args.output_dir, {"corpus_dir": args.corpus_dir})
+    claim_output_dir(args.output_dir, "tokenizer", {"corpus_dir": args.corpus_dir})
     corpus_manifest = read_manifest(args.corpus_dir, "corpus", stage="corpus")
-    corpus = load_from_disk(args.corpus_dir)
+    corpus = load_saved_dataset(args.corpus_dir)
     train_texts = list(corpus["train"]["text"])[: args.max_training_docs]
 
     with tempfile.TemporaryDirectory() as workdir:

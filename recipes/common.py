@@ -10,7 +10,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from data_prep.artifacts import MANIFEST_NAME, UserError, read_manifest
+from data_prep.artifacts import MANIFEST_NAME, UserError, claim_output_dir, load_saved_dataset, read_manifest
 
 
 def with_cpu_process_group(argv: list[str] | None) -> list[str]:
@@ -68,6 +68,13 @@ def _incomplete_checkpoint(checkpoint: Path, written_last: str) -> str | None:
     """What keeps `checkpoint` from continuing a run, or None."""
     if not (checkpoint / written_last).is_file():
         return f"has no {written_last} (a save that was interrupted, or not a checkpoint of this recipe)"
+    if written_last.endswith(".json"):
+        try:
+            state = json.loads((checkpoint / written_last).read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            state = None
+        if not isinstance(state, dict):  # Trainer would die on it after the model has loaded
+            return f"has a damaged {written_last} (not a JSON object: a save that was cut short)"
     if not any(checkpoint.glob("rng_state*.pth")):
         return ("holds no optimizer, schedule or random state (saved with save_only_model), so it cannot continue "
                 "a run; start a new run from its weights instead")
@@ -111,6 +118,19 @@ PREVIOUS_FINAL_NAME = ".previous-final.json"  # the final files of the run this 
 def _kept_across_runs(name: str) -> bool:
     """Checkpoints (for resume), logging folders and our own bookkeeping outlive a run; nothing else does."""
     return name.startswith(("checkpoint-", ".", "_")) or name in ("runs", MANIFEST_NAME)
+
+
+def claim_run_dir(output_dir: str | Path, stage: str, inputs: dict) -> None:
+    """Refuse, before any model loads, an output_dir this recipe must not publish into (`claim_output_dir`):
+    one that overlaps an input, another stage's output, or a folder of other files. Accepted without a
+    manifest: what an unfinished run of a recipe leaves (checkpoints, logs, the final files of the run it
+    was replacing, listed by `mark_incomplete`)."""
+    previous = Path(output_dir) / PREVIOUS_FINAL_NAME
+    try:
+        replaced = set(json.loads(previous.read_text())) if previous.is_file() else set()
+    except (UnicodeDecodeError, json.JSONDecodeError, TypeError):
+        replaced = set()
+    claim_output_dir(output_dir, stage, inputs, ours=lambda name: _kept_across_runs(name) or name in replaced)
 
 
 def mark_incomplete(output_dir: str | Path) -> None:
@@ -213,10 +233,8 @@ def no_zero3_init():
 
 def load_splits(path: str, train_split: str, test_split: str, validate) -> tuple[dict, object, object]:
     """(manifest, train, test) of a finished data_prep output, every row checked by `validate(rows, name)`."""
-    from datasets import load_from_disk
-
     manifest = read_manifest(path, "dataset")
-    dataset = load_from_disk(path)
+    dataset = load_saved_dataset(path)
     for split in (train_split, test_split):
         if split not in dataset:
             raise UserError(f"{path}: no split '{split}' (has {', '.join(dataset)})")
@@ -308,13 +326,15 @@ def load_pretrained(path: str, auto_class, trust_remote_code: bool = False, **kw
     from safetensors import SafetensorError
 
     try:
-        model = auto_class.from_pretrained(path, use_safetensors=True, trust_remote_code=trust_remote_code, **kwargs)
+        model, loading = auto_class.from_pretrained(path, use_safetensors=True, trust_remote_code=trust_remote_code,
+                                                    output_loading_info=True, **kwargs)
     except (OSError, SafetensorError) as err:  # missing files, or a truncated or corrupt weights file
         raise UserError(f"{path}: {str(err).splitlines()[0]}") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:  # no tokenizer files: transformers asks for sentencepiece or tiktoken
         raise UserError(f"{path}: no usable tokenizer ({str(err).splitlines()[0]})") from None
+    model.weights_missing_at_load = sorted(loading["missing_keys"])  # initialised fresh: refuse_untrained_score_head
     embeddings = model.get_input_embeddings()
     if embeddings is not None and len(tokenizer) > embeddings.num_embeddings:
         raise UserError(f"{path}: the tokenizer has {len(tokenizer)} tokens and the model's embedding "
@@ -330,7 +350,7 @@ def load_pretrained(path: str, auto_class, trust_remote_code: bool = False, **kw
 def refuse_untrained_score_head(key: str, path: str, model, manifest: dict) -> None:
     """A model that never had a score head loads as a reward model with a fresh random one, and judges at
     chance (an SFT model's reward_accuracy came out 0.5). Ours say what they are in the manifest; a Hub
-    adapter in its task type, a Hub model in its config's `architectures`."""
+    adapter in its task type; a Hub model by the weights its checkpoint lacked (`load_pretrained`)."""
     stage = manifest.get("stage")
     if stage is not None:
         if stage != "reward":
@@ -344,11 +364,11 @@ def refuse_untrained_score_head(key: str, path: str, model, manifest: dict) -> N
             raise UserError(f"{key}: {path} is a {getattr(task, 'value', task)} adapter, not a SEQ_CLS one (its "
                             "score head would be untrained)")
         return
-    architectures = getattr(model.config, "architectures", None) or []
-    scoring = ("ForSequenceClassification", "RewardModel")  # the second: remote-code reward classes
-    if architectures and not any(a.endswith(scoring) for a in architectures):
-        raise UserError(f"{key}: {path} is a {architectures[0]}, not a sequence classifier (its score head would "
-                        "be untrained)")
+    fresh = getattr(model, "weights_missing_at_load", [])
+    if fresh:
+        saved_as = (getattr(model.config, "architectures", None) or ["model without architectures"])[0]
+        raise UserError(f"{key}: {path} is a {saved_as}, not a trained sequence classifier (its score head would be "
+                        f"untrained: {', '.join(fresh)} not in its weights)")
 
 
 def check_special_tokens(training_args, tokenizer, model_path: str) -> None:

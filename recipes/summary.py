@@ -8,11 +8,10 @@ directory without one is reported as unfinished.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
-from data_prep.artifacts import MANIFEST_NAME
+from data_prep.artifacts import MANIFEST_NAME, UserError, read_manifest, run_cli
 
 # Headline metrics of an eval output, in this order, where present.
 EVAL_HEADLINES = (("perplexity_perplexity", "perplexity {:.1f}"), ("exact_match_exact_match", "exact match {:.1%}"),
@@ -65,13 +64,18 @@ def summarize(root: str | Path) -> list[tuple[str, str, str]]:
         if not manifest_path.is_file():
             rows.append(("?", str(directory), "unfinished (no manifest.json)"))
             continue
-        manifest = json.loads(manifest_path.read_text())
-        describe = KEY_FIGURES.get(manifest["stage"], lambda o: "")
         try:
-            figures = describe(manifest["outputs"])
-        except (KeyError, TypeError):  # a manifest from an older version of the stage: no figures, still listed
+            manifest = read_manifest(directory)
+        except UserError as err:  # one damaged manifest is listed as such, the other stages still are
+            rows.append(("?", str(directory), str(err)))
+            continue
+        stage = manifest.get("stage")
+        describe = KEY_FIGURES.get(stage, lambda o: "")
+        try:
+            figures = describe(manifest.get("outputs"))
+        except (KeyError, TypeError, AttributeError):  # a manifest from an older version of the stage: still listed
             figures = ""
-        rows.append((manifest["stage"], str(directory), figures))
+        rows.append((stage if isinstance(stage, str) else "?", str(directory), figures))
     return rows
 
 
@@ -79,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     root = Path(argv[0] if argv else "outputs")
     if not root.is_dir():
-        raise SystemExit(f"error: no outputs directory at {root}")
+        raise UserError(f"no outputs directory at {root}")
     rows = summarize(root)
     width = max(len(r[1]) for r in rows) if rows else 0
     for stage, directory, figures in rows:
@@ -87,4 +91,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -614,6 +614,25 @@ def test_options_of_another_source_or_below_one_are_refused(tmp_path, argv, mess
             module.main([*argv, "--output_dir", str(tmp_path / "o")])
 
 
+@pytest.mark.parametrize(("module", "argv", "message"), [
+    ("build_sft_data", ["--source", "local", "--input_path", "x.jsonl", "--train_size", "10"],
+     "train_size is only read with --source embedded, but source is local"),  # the local file decides the size
+    ("build_sft_data", ["--source", "hub", "--dataset_name", "org/chats", "--families", "sort"],
+     "families is only read with --source embedded, but source is hub"),
+    ("build_sft_data", ["--test_fraction", "0.2"], "test_fraction is only read with --source local or hub, but "
+                                                    "source is embedded"),  # embedded has test_size
+    ("build_sft_data", ["--format", "alpaca"], "format is only read with --source local or hub, but source is embedded"),
+    ("build_preference_data", ["--source", "local", "--input_path", "x.jsonl", "--sft_data_dir", "outputs/sft"],
+     "sft_data_dir is only read with --source embedded, but source is local"),
+    ("build_preference_data", ["--source", "local", "--input_path", "x.jsonl", "--train_split", "dev"],
+     "train_split is only read with --source hub, but source is local"),
+])
+def test_an_option_the_chosen_source_never_reads_is_refused(tmp_path, module, argv, message):
+    """Set, it would change nothing without a word (or a forgotten --source builds other data)."""
+    with pytest.raises(UserError, match=f"^{message}$"):
+        globals()[module].main([*argv, "--output_dir", str(tmp_path / "o")])
+
+
 def test_output_dir_that_is_the_input_is_refused(tmp_path):
     chats = write_jsonl(tmp_path / "chats.jsonl", [chat(i) for i in range(4)])
     with pytest.raises(UserError, match=f"^output_dir {chats} is input_path {chats}: "):

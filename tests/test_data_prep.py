@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -433,6 +434,40 @@ def test_output_that_overlaps_an_input_is_refused_and_the_input_kept(tmp_path):
     assert (data / "a.txt").read_text() == "a document long enough to keep" and os.listdir(data) == ["a.txt"]
 
 
+def test_an_output_dir_that_is_not_an_earlier_output_of_the_stage_is_refused_and_kept(tmp_path, monkeypatch):
+    """A stage replaces its output directory whole: any folder given as output_dir was deleted, a forgotten
+    `/corpus` (`--output_dir outputs`) every stage's outputs with it."""
+    from data_prep import build_mc_benchmark, train_tokenizer
+
+    build_corpus(local_args(tmp_path, [good_input(tmp_path)]))  # tmp_path/corpus, an earlier corpus
+    users = tmp_path / "project"
+    (users / "src").mkdir(parents=True)
+    (users / "src" / "main.py").write_text("print('mine')\n")
+    with pytest.raises(UserError) as err:
+        build_corpus(local_args(tmp_path, [good_input(tmp_path)], output_dir=str(users)))
+    assert str(err.value) == (f"output_dir {users} is not an earlier corpus output (it has no manifest.json) and "
+                              "holds src, which this corpus stage would delete; choose another output_dir or empty it")
+    assert (users / "src" / "main.py").read_text() == "print('mine')\n" and leftovers(tmp_path, "project") == []
+    build_corpus(local_args(tmp_path, [good_input(tmp_path)], seed=3))  # its own earlier output: replaced
+    with pytest.raises(UserError) as err:  # another stage's output, before the tokenizer is trained
+        train_tokenizer.main(["--corpus_dir", str(tmp_path / "corpus"), "--output_dir", str(tmp_path / "good")])
+    assert str(err.value).startswith(f"output_dir {tmp_path / 'good'} is not an earlier tokenizer output")
+    corpus_copy = tmp_path / "corpus_copy"
+    shutil.copytree(tmp_path / "corpus", corpus_copy)
+    with pytest.raises(UserError) as err:
+        build_mc_benchmark.main(["--output_dir", str(corpus_copy)])
+    assert str(err.value) == (f"output_dir {corpus_copy} holds the output of stage 'corpus', which this mc_benchmark "
+                              "stage would replace; choose another output_dir")
+    assert (corpus_copy / "manifest.json").is_file()
+    monkeypatch.chdir(users)
+    for output_dir, message in ((".", "output_dir . is or holds the current directory"),
+                                ("..", "output_dir .. is or holds the current directory"),
+                                ("", "output_dir is empty; name a directory")):
+        with pytest.raises(UserError, match=f"^{message}"):
+            build_mc_benchmark.main(["--output_dir", output_dir])
+    assert sorted(os.listdir(users)) == ["src"] and leftovers(tmp_path, "project") == []
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"validation_fraction": 0.99}, "validation_fraction 0.99 of 3 documents from .* leaves no train document"),
     ({"max_docs": 0}, r"max_docs must be >= 1 \(or unset, for everything\), got 0"),
@@ -459,6 +494,19 @@ def test_stdlib_options_that_cannot_work_are_one_line(tmp_path, overrides, messa
         build_corpus(CorpusArguments(output_dir=str(tmp_path / "corpus"), **overrides))
 
 
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"text_field": "body"}, "text_field is only read with --source local or hub, but source is stdlib"),
+    ({"source": "local", "input_paths": ["x"], "hub_split": "validation"},
+     "hub_split is only read with --source hub, but source is local"),
+    ({"source": "local", "input_paths": ["x"], "max_stdlib_files": 3},
+     "max_stdlib_files is only read with --source stdlib, but source is local"),
+])
+def test_a_corpus_option_the_chosen_source_never_reads_is_refused(tmp_path, overrides, message):
+    with pytest.raises(UserError, match=f"^{message}$"):
+        build_corpus(CorpusArguments(output_dir=str(tmp_path / "c"), **overrides))
+    assert not (tmp_path / "c").exists()
+
+
 def test_local_suffixes_are_matched_in_any_case(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
@@ -479,3 +527,29 @@ def test_hub_row_whose_text_is_not_a_string_names_the_row(tmp_path, monkeypatch)
     with pytest.raises(UserError, match=r"^org/data: row 1: field 'text' is not a string$"):
         build_corpus(CorpusArguments(source="hub", hub_dataset="org/data", output_dir=str(tmp_path / "hub")))
     assert not (tmp_path / "hub").exists()
+
+
+def test_files_damaged_behind_a_valid_manifest_stop_in_one_line(tiny_data, tiny_chat_data, tmp_path):
+    """A disk that filled or a copy cut short leaves a stage's manifest intact but its arrow files or
+    tokenizer.json truncated; the next stage names the directory instead of a pyarrow or JSON traceback."""
+    from data_prep import build_preference_data, pack_dataset, train_tokenizer
+    from recipes.common import load_splits
+
+    corpus, tokenizer, sft = tmp_path / "corpus", tmp_path / "tokenizer", tmp_path / "sft"
+    for source, copy in ((tiny_data["corpus"], corpus), (tiny_data["tokenizer"], tokenizer),
+                         (tiny_chat_data["sft"], sft)):
+        shutil.copytree(source, copy)
+    for arrow in [*corpus.glob("*/*.arrow"), *sft.glob("*/*.arrow")]:
+        arrow.write_bytes(arrow.read_bytes()[:1000])
+    (tokenizer / "tokenizer.json").write_text('{"version": "1.0", "trunc')
+
+    with pytest.raises(UserError, match=f"^{corpus}: a damaged saved dataset \\("):
+        train_tokenizer.main(["--corpus_dir", str(corpus), "--output_dir", str(tmp_path / "t")])
+    with pytest.raises(UserError, match=f"^{tokenizer}: a damaged tokenizer \\("):
+        pack_dataset.main(["--corpus_dir", str(tiny_data["corpus"]), "--tokenizer_dir", str(tokenizer),
+                           "--output_dir", str(tmp_path / "p")])
+    with pytest.raises(UserError, match=f"^{sft}: a damaged saved dataset \\("):
+        build_preference_data.main(["--sft_data_dir", str(sft), "--output_dir", str(tmp_path / "pairs")])
+    with pytest.raises(UserError, match=f"^{sft}: a damaged saved dataset \\("):
+        load_splits(str(sft), "train", "test", lambda rows, name: None)  # what SFT and reward read
+    assert not any((tmp_path / name).exists() for name in ("t", "p", "pairs"))

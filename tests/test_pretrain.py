@@ -122,6 +122,13 @@ def test_resume_passes_over_an_interrupted_save_and_refuses_a_model_only_checkpo
     assert "[resume] passing over checkpoint-6: it has no trainer_state.json" in capsys.readouterr().err
     with pytest.raises(UserError, match=r"checkpoint-6 has no trainer_state.json \(a save that was interrupted"):
         resolve_resume(str(out / "checkpoint-6"), str(out))
+    shutil.copytree(out / "checkpoint-4", out / "checkpoint-8")
+    state = out / "checkpoint-8" / "trainer_state.json"
+    state.write_text(state.read_text()[:40])  # a disk that filled while it was written
+    assert resolve_resume("true", str(out)) == str(out / "checkpoint-4")
+    assert "passing over checkpoint-8: it has a damaged trainer_state.json (not a JSON object" in capsys.readouterr().err
+    with pytest.raises(UserError, match=r"checkpoint-8 has a damaged trainer_state.json"):
+        resolve_resume(str(out / "checkpoint-8"), str(out))
 
     model_only = tmp_path / "model_only"
     run_pretrain(pretrain_argv(tiny_data, model_only, *common, "--save_only_model", "true"))

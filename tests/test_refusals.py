@@ -14,9 +14,10 @@ from data_prep.artifacts import UserError
 from recipes.eval import eval as eval_recipe
 from recipes.pretrain import pretrain
 from recipes.reward import reward
-from recipes.rl import dpo
+from recipes.rl import dpo, grpo, ppo, rloo
 from recipes.sft import sft
 
+RL = {"ppo": ppo, "grpo": grpo, "rloo": rloo, "dpo": dpo}
 TRAINING = {"sft": (sft, "recipes/sft/tiny.yaml"), "reward": (reward, "recipes/reward/tiny.yaml"),
             "dpo": (dpo, "recipes/rl/dpo_tiny.yaml"), "pretrain": (pretrain, "recipes/pretrain/tiny.yaml")}
 
@@ -73,12 +74,44 @@ def test_an_output_dir_that_is_an_input_is_refused_and_the_input_kept(tiny_data,
         (eval_recipe, ["--config", str(REPO_ROOT / "recipes/eval/tiny.yaml"), "--model_name_or_path",
                        str(tiny_sft), "--output_dir", str(tiny_sft)], "model_name_or_path", tiny_sft),
     ]
+    for name in ("ppo", "grpo", "rloo", "dpo"):  # the RL recipes had no such check: the SFT policy was replaced
+        cases.append((RL[name], ["--config", str(REPO_ROOT / f"recipes/rl/{name}_tiny.yaml"), "--model_name_or_path",
+                                 str(tiny_sft), "--output_dir", str(tiny_sft)], "model_name_or_path", tiny_sft))
     for module, argv, key, path in cases:
         before = _listing(path)
         with pytest.raises(UserError) as err:
             module.main(*module.parse_args(argv))
         assert str(err.value).startswith(f"output_dir {path} is {key} {path}: a stage replaces its whole output")
         assert _listing(path) == before
+
+
+def test_an_output_dir_that_is_not_an_earlier_output_of_the_recipe_is_refused_and_kept(tiny_pretrained, tiny_sft,
+                                                                                      tiny_chat_data, tmp_path):
+    """Evaluating into another stage's output deleted its model; a training run published over any folder."""
+    other_stage = tmp_path / "pretrained_copy"
+    shutil.copytree(tiny_pretrained, other_stage)
+    users = tmp_path / "notes"
+    users.mkdir()
+    (users / "todo.txt").write_text("mine\n")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    evaluate = ["--config", str(REPO_ROOT / "recipes/eval/tiny.yaml"), "--model_name_or_path", str(tiny_sft),
+                "--metrics", "perplexity", "--text_dataset_path", str(tiny_chat_data["sft"]), "--max_texts", "2"]
+    fine_tune = ["--config", str(REPO_ROOT / "recipes/sft/tiny.yaml"), "--model_name_or_path", str(tiny_pretrained),
+                 "--dataset_path", str(tiny_chat_data["sft"])]
+    for module, argv, output_dir, message in (
+            (eval_recipe, evaluate, other_stage, "holds the output of stage 'pretrain', which this eval stage would replace"),
+            (eval_recipe, evaluate, a_file, "is a file"),  # it failed with a traceback once every metric was done
+            (sft, fine_tune, users, "is not an earlier sft output (it has no manifest.json) and holds todo.txt"),
+            (sft, fine_tune, tiny_sft.parent, "is not an earlier sft output (it has no manifest.json) and holds sft"),
+            (reward, ["--config", str(REPO_ROOT / "recipes/reward/tiny.yaml"), "--model_name_or_path", str(tiny_sft),
+                      "--dataset_path", str(tiny_chat_data["preference"])], tmp_path / "pretrained_copy",
+             "holds the output of stage 'pretrain', which this reward stage would replace")):
+        before = _listing(output_dir) if output_dir.is_dir() else None
+        with pytest.raises(UserError) as err:
+            module.main(*module.parse_args([*argv, "--output_dir", str(output_dir)]))
+        assert str(err.value).startswith(f"output_dir {output_dir} {message}")
+        assert (_listing(output_dir) if output_dir.is_dir() else None) == before
 
 
 def _without_chat_template(model_dir, copy):
@@ -147,6 +180,12 @@ def test_pretraining_refuses_another_tokenizer_and_a_resume_of_another_architect
     assert str(err.value) == (f"resume_from_checkpoint: {tmp_path / 'run' / 'checkpoint-2'} holds a model with "
                               f"hidden_size {hidden}, and the settings build {hidden * 2}; resume with the "
                               "checkpointed run's architecture")
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    for flags, message in ((("--rope_theta", "1234.0"), "holds a model with rope_parameters "),
+                           (("--muon", "true"), "was trained with optimizer adamw_torch"),  # param groups differ
+                           (("--learning_rate", "0.5"), "was trained with learning_rate ")):  # restored, ignored
+        with pytest.raises(UserError, match=f"^resume_from_checkpoint: {checkpoint} {message}"):
+            pretrain.main(*pretrain.parse_args([*argv, "--resume_from_checkpoint", "true", *flags]))
     assert (tmp_path / "run" / "manifest.json").is_file()  # the finished run is left as it was
 
 
@@ -232,21 +271,33 @@ def test_a_judge_without_a_trained_score_head_is_refused(tiny_sft, tiny_reward, 
     hub_like = tmp_path / "causal_lm_without_manifest"
     shutil.copytree(tiny_sft, hub_like)
     (hub_like / "manifest.json").unlink()
+    unnamed = tmp_path / "causal_lm_without_architectures"  # the config that named its class was all we read
+    shutil.copytree(hub_like, unnamed)
+    config = json.loads((unnamed / "config.json").read_text())
+    del config["architectures"]
+    (unnamed / "config.json").write_text(json.dumps(config))
     base = ["--config", str(REPO_ROOT / "recipes/eval/tiny.yaml"), "--model_name_or_path", str(tiny_sft),
             "--metrics", "reward_accuracy", "--preference_dataset_path", str(tiny_chat_data["preference"])]
-    for judge, message in ((tiny_sft, f"{tiny_sft} is a sft output, not a reward model"),
-                           (hub_like, f"{hub_like} is a LlamaForCausalLM, not a sequence classifier")):
+    fresh = "(its score head would be untrained: score.weight not in its weights)"
+    for judge, message in (
+            (tiny_sft, f"{tiny_sft} is a sft output, not a reward model (its score head would be untrained)"),
+            (hub_like, f"{hub_like} is a LlamaForCausalLM, not a trained sequence classifier {fresh}"),
+            (unnamed, f"{unnamed} is a model without architectures, not a trained sequence classifier {fresh}")):
         with pytest.raises(UserError) as err:
             eval_recipe.main(*eval_recipe.parse_args([*base, "--reward_model_name_or_path", str(judge),
                                                       "--output_dir", str(tmp_path / "eval")]))
-        assert str(err.value).startswith(f"reward_model_name_or_path: {message} (its score head would be untrained)")
+        assert str(err.value).startswith(f"reward_model_name_or_path: {message}")
         assert not (tmp_path / "eval" / "manifest.json").exists()
     from recipes.rl.rewards import RewardModelScorer  # GRPO, RLOO, PPO and DPO's scorer
     with pytest.raises(UserError, match=f"^reward_model_path: {tiny_sft} is a sft output, not a reward model"):
         RewardModelScorer(str(tiny_sft))
-    eval_recipe.main(*eval_recipe.parse_args([*base, "--reward_model_name_or_path", str(tiny_reward),
-                                              "--output_dir", str(tmp_path / "eval")]))
-    assert (tmp_path / "eval" / "manifest.json").is_file()
+    hub_reward = tmp_path / "reward_model_without_manifest"  # a Hub reward model: judged by its weights alone
+    shutil.copytree(tiny_reward, hub_reward)
+    (hub_reward / "manifest.json").unlink()
+    for judge, out in ((tiny_reward, "eval"), (hub_reward, "eval_hub")):
+        eval_recipe.main(*eval_recipe.parse_args([*base, "--reward_model_name_or_path", str(judge),
+                                                  "--output_dir", str(tmp_path / out)]))
+        assert (tmp_path / out / "manifest.json").is_file()
 
 
 @pytest.mark.parametrize("flags, message", [

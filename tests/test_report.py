@@ -13,6 +13,7 @@ import math
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -277,13 +278,25 @@ def test_bad_input_is_one_line(tmp_path):
         report.main([str(tmp_path / "empty"), "--output_dir", str(tmp_path / "r")])
     assert not (tmp_path / "r").exists()
     make_outputs(tmp_path / "outputs")
-    with pytest.raises(UserError, match="not an earlier report"):  # would replace a stage output
+    with pytest.raises(UserError, match="holds the output of stage 'sft', which this report stage would replace"):
         report.main([str(tmp_path / "outputs"), "--output_dir", str(tmp_path / "outputs" / "sft_tiny")])
     with pytest.raises(UserError, match="would replace the outputs"):
         report.main([str(tmp_path / "outputs"), "--output_dir", str(tmp_path)])
     (tmp_path / "outputs" / "sft_tiny" / "metrics.json").write_text("{not json")
     with pytest.raises(UserError, match="sft_tiny/metrics.json: not readable JSON"):
         report.main([str(tmp_path / "outputs"), "--output_dir", str(tmp_path / "r")])
+    (tmp_path / "outputs" / "sft_tiny" / "metrics.json").write_text("[1]")  # JSON, but not what a recipe writes
+    with pytest.raises(UserError, match=r"sft_tiny/metrics.json: not a JSON object \(a list\)$"):
+        report.main([str(tmp_path / "outputs"), "--output_dir", str(tmp_path / "r")])
+    (tmp_path / "outputs" / "sft_tiny" / "metrics.json").unlink()
+    state = next((tmp_path / "outputs").glob("*/trainer_state.json"))
+    state.write_text(json.dumps({"log_history": {"loss": 1.0}}))
+    with pytest.raises(UserError, match=f"^{state}: log_history is not a list of logged rows$"):
+        report.main([str(tmp_path / "outputs"), "--output_dir", str(tmp_path / "r")])
+    state.write_text("[]")
+    with pytest.raises(UserError, match=f"^{state}: not a JSON object"):
+        report.main([str(tmp_path / "outputs"), "--output_dir", str(tmp_path / "r")])
+    assert not (tmp_path / "r").exists()
 
 
 def test_command_line_error_is_one_line_with_status_2(tmp_path):
@@ -314,3 +327,44 @@ def test_summary_prints_a_line_for_the_report_and_eval_outputs(rendered):
                     "win_rate_win_rate": 0.77, "safety_refusal_rate": 1.0, "perplexity_tokens": 35518}
     assert stage_summary.KEY_FIGURES["eval"](eval_outputs) == ("perplexity 38.9, exact match 71.7%, BLEU 88.5, "
                                                                "win rate 0.77, refusal 1.00")
+
+
+def test_an_eval_of_an_earlier_build_is_left_out_of_the_rebuilt_stage(tmp_path):
+    """The eval's manifest records the fingerprint of the checkpoint it evaluated; once that directory holds
+    another build, its figures describe a model that is gone."""
+    outputs = make_outputs(tmp_path / "outputs")
+    sft_fingerprint = json.loads((outputs / "sft_tiny" / "manifest.json").read_text())["fingerprint"]
+    (outputs / "eval_old").mkdir()
+    (outputs / "eval_old" / "eval_results.json").write_text(json.dumps(
+        {"checkpoint": "outputs/sft_tiny", "metrics": {"exact_match": {"exact_match": 0.01}}}))
+    write_manifest(outputs / "eval_old", build_manifest("eval", {"model": "outputs/sft_tiny",
+                                                                 "model_fingerprint": "0" * 16}, {}, {}))
+    summary = report.main([str(outputs), "--output_dir", str(tmp_path / "r")])
+    markdown = (tmp_path / "r" / "report.md").read_text()
+    column = {name: i for i, name in enumerate(summary["table"]["header"])}
+    rows = {row[0]: row for row in _table_rows(markdown, "Metrics across stages")}
+    assert rows["sft_tiny"][column["exact match"]] == "0.550"
+    assert (f"eval_old/eval_results.json` evaluated fingerprint `{'0' * 16}`, an "
+            f"earlier build of `sft_tiny` (now `{sft_fingerprint}`)") in markdown
+
+
+def test_summary_lists_a_damaged_manifest_and_goes_on(tmp_path):
+    """A damaged manifest stopped the summary, the speedrun's last step, with a JSONDecodeError traceback."""
+    from recipes import summary as stage_summary
+
+    root = tmp_path / "outputs"
+    make_outputs(root)
+    damaged = {"truncated": '{"stage": "pretrain", "outputs": {}', "a_list": "[]", "no_stage": '{"outputs": []}'}
+    for name, text in damaged.items():
+        (root / name).mkdir()
+        (root / name / "manifest.json").write_text(text)
+    rows = {Path(directory).name: (stage, figures) for stage, directory, figures in stage_summary.summarize(root)}
+    assert rows["truncated"] == ("?", f"{root / 'truncated' / 'manifest.json'}:1: not a valid manifest (not JSON); "
+                                      "rerun the stage that wrote it")
+    assert rows["a_list"] == ("?", f"{root / 'a_list' / 'manifest.json'}: not a valid manifest (not a JSON object); "
+                                   "rerun the stage that wrote it")
+    assert rows["no_stage"] == ("?", "")
+    assert rows["sft_tiny"][0] == "sft"  # the other stages are still listed
+    result = subprocess.run([sys.executable, "-m", "recipes.summary", str(tmp_path / "missing")], capture_output=True,
+                            text=True)
+    assert (result.returncode, result.stderr) == (2, f"error: no outputs directory at {tmp_path / 'missing'}\n")

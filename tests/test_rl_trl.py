@@ -561,7 +561,9 @@ def test_refused_resume_leaves_a_finished_dpo_run_as_it_was(tiny_sft, tiny_rewar
     import shutil
 
     out = tmp_path / "dpo"
-    shutil.copytree(tiny_sft, out)  # a finished stage output, manifest included
+    shutil.copytree(tiny_sft, out)  # a finished stage output, manifest included, standing in for a DPO run
+    manifest = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**manifest, "stage": "dpo"}))
     with pytest.raises(UserError, match="^resume_from_checkpoint: no checkpoint-\\* directory in "):
         run(dpo, dpo_argv(tiny_sft, tiny_reward, tiny_chat_data, out, "--resume_from_checkpoint", "true"))
     assert (out / "manifest.json").is_file()

@@ -204,6 +204,8 @@ def test_load_tokenizer(tiny_data, tmp_path):
 @pytest.mark.parametrize("overrides, message", [
     ({"kind": "sentencepiece", "min_frequency": 3}, "min_frequency applies to byte_level_bpe only"),
     ({"min_frequency": 0}, "min_frequency must be >= 1, got 0"),
+    ({"spm_model_type": "bpe"},  # byte-level BPE is BPE already; the option would change nothing
+     "spm_model_type is only read with --kind sentencepiece, but kind is byte_level_bpe"),
     ({"max_training_docs": 0}, r"max_training_docs must be >= 1 \(or unset, for all\), got 0"),
     ({"model_max_length": 0}, "model_max_length must be >= 2, got 0"),
 ])

@@ -26,9 +26,10 @@ from dataclasses import asdict, dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from data_prep.artifacts import (UserError, build_manifest, parse_config, read_manifest, refuse_overlap, run_cli,
+from data_prep.artifacts import (UserError, build_manifest, load_saved_dataset, parse_config, read_manifest, run_cli,
                                  write_manifest)
-from recipes.common import check_settings, load_pretrained, mark_incomplete, publish, refuse_untrained_score_head
+from recipes.common import (check_settings, claim_run_dir, load_pretrained, mark_incomplete, publish,
+                            refuse_untrained_score_head)
 from recipes.eval.scores import bleu_rouge, perplexity, safety_report
 
 METRICS = ("perplexity", "bleu_rouge", "exact_match", "pass_at_k", "lm_eval", "reward_accuracy", "win_rate", "safety")
@@ -96,7 +97,7 @@ def main(args: EvalArguments) -> dict:
     from recipes.eval import generation, reward_scores
 
     started = time.time()
-    refuse_overlap(args.output_dir, {key: getattr(args, key) for key in (
+    claim_run_dir(args.output_dir, "eval", {key: getattr(args, key) for key in (
         "model_name_or_path", "compare_model_name_or_path", "reward_model_name_or_path", "text_dataset_path",
         "chat_dataset_path", "preference_dataset_path", "lm_eval_include_path")})
     unknown = [m for m in args.metrics if m not in METRICS]
@@ -236,15 +237,13 @@ def main(args: EvalArguments) -> dict:
 
 def load_split(path: str, split: str, limit: int | None = None, validate=None):
     """(data entry for the results, rows) of a finished data_prep output; an empty split is an error."""
-    from datasets import load_from_disk
-
     manifest = read_manifest(path, "dataset")
     split_dir = Path(path) / split
     if not (split_dir / "state.json").is_file():
         names = sorted(p.name for p in Path(path).iterdir() if (p / "state.json").is_file())
         raise UserError(f"{path}: no split '{split}' (has {', '.join(names) or 'none'})")
     try:
-        rows = load_from_disk(str(split_dir))
+        rows = load_saved_dataset(split_dir)
     except IndexError:  # datasets 5.2 cannot reload a split that was saved with no rows
         rows = []
     if limit is not None and len(rows):

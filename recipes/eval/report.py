@@ -37,8 +37,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data_prep.artifacts import (MANIFEST_NAME, UserError, atomic_output_dir, build_manifest, parse_config, run_cli,
-                                 write_manifest)
+from data_prep.artifacts import (MANIFEST_NAME, UserError, atomic_output_dir, build_manifest, claim_output_dir,
+                                 parse_config, run_cli, write_manifest)
 
 EVAL_RESULTS = "eval_results.json"
 SKIPPED_NAMES = ("notebooks", "report")
@@ -74,6 +74,7 @@ class Stage:
     state_source: Path | None = None
     evals: list = field(default_factory=list)  # (eval_results.json, its content, the reward model that judged)
     judged: list = field(default_factory=list)  # (eval_results.json, reward_accuracy) where this was the judge
+    stale_evals: list = field(default_factory=list)  # (eval_results.json, fingerprint it evaluated) of an older build
     parent: str | None = None  # a stage name or, for an input outside the root (a Hub model), its id
     links: list = field(default_factory=list)  # (input key, stage name, freshness note, recorded value)
     is_model: bool = False
@@ -92,6 +93,13 @@ def _read_json(path: Path):
         return json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise UserError(f"{path}: not readable JSON ({str(err).splitlines()[0]})") from None
+
+
+def _read_object(path: Path) -> dict:
+    content = _read_json(path)
+    if not isinstance(content, dict):
+        raise UserError(f"{path}: not a JSON object (a {type(content).__name__})")
+    return content
 
 
 def _step_of(checkpoint: Path) -> int:
@@ -128,12 +136,14 @@ def collect(root: Path, exclude: Path | None = None) -> tuple[dict[str, Stage], 
             continue
         stage = Stage(directory.name, directory, str(manifest["stage"]), manifest)
         if (directory / "metrics.json").is_file():
-            stage.metrics, stage.metrics_source = _read_json(directory / "metrics.json"), "metrics.json"
+            stage.metrics, stage.metrics_source = _read_object(directory / "metrics.json"), "metrics.json"
         else:
             stage.metrics, stage.metrics_source = manifest.get("outputs") or {}, "manifest outputs"
         stage.state_source = _trainer_state(directory)
         if stage.state_source is not None:
-            stage.log_history = _read_json(stage.state_source).get("log_history") or []
+            stage.log_history = _read_object(stage.state_source).get("log_history") or []
+            if not isinstance(stage.log_history, list) or not all(isinstance(r, dict) for r in stage.log_history):
+                raise UserError(f"{stage.state_source}: log_history is not a list of logged rows")
         stage.is_model = (any((directory / f).is_file() for f in MODEL_FILES) or stage.state_source is not None
                           or any(directory.glob("*.gguf")))
         stages[stage.name] = stage
@@ -228,10 +238,14 @@ def attach_evals(stages: dict[str, Stage], evals: list, root: Path) -> None:
     """Attach each eval result to the stage it evaluated; a checkpoint outside the root gets its own row."""
     resolve = Resolver(stages, root)
     for path, result in evals:
-        inputs = _read_json(path.parent / MANIFEST_NAME).get("inputs") or {}
+        inputs = _read_object(path.parent / MANIFEST_NAME).get("inputs") or {}
         recorded = result.get("reward_model") or inputs.get("reward_model")
         judge = (resolve.path(recorded) or str(recorded)) if recorded else None
         target = resolve.path(result["checkpoint"])
+        evaluated = inputs.get("model_fingerprint")
+        if target in stages and evaluated and evaluated != stages[target].manifest.get("fingerprint"):
+            stages[target].stale_evals.append((path, evaluated))  # rebuilt since: its figures describe another model
+            continue
         if judge in stages and judge != target and _dig(result, "metrics", "reward_accuracy"):
             stages[judge].judged.append((path, result["metrics"]["reward_accuracy"]))
         if target is None:
@@ -655,6 +669,10 @@ def _stage_blocks(stage: Stage, stages: dict[str, Stage], figures: list, report_
             extra.append("wall time: " + ", ".join(f"{k} {v:.1f} s" for k, v in wall.items() if _number(v)))
         blocks += [("p", f"Eval results from `{_shown(path)}`:"), ("ul", data + extra),
                    ("table", ["metric", "value"], [[k, v] for k, v in flatten(result.get("metrics") or {}).items()])]
+    for path, evaluated in stage.stale_evals:
+        blocks.append(("p", f"Left out: `{_shown(path)}` evaluated fingerprint `{evaluated}`, an earlier build of "
+                            f"`{stage.name}` (now `{stage.manifest.get('fingerprint')}`); rerun the eval for figures "
+                            "of this one."))
     for path, accuracy in stage.judged:
         blocks += [("p", f"As the judging reward model in `{_shown(path)}`: pairwise accuracy on held-out pairs"),
                    ("table", ["metric", "value"], [[f"reward_accuracy.{k}", v] for k, v in flatten(accuracy).items()])]
@@ -742,10 +760,7 @@ def main(argv: list[str] | None = None) -> dict:
     output_dir = Path(args.output_dir).resolve()
     if output_dir == root.resolve() or root.resolve().is_relative_to(output_dir):
         raise UserError(f"output_dir {args.output_dir} would replace the outputs it reports on")
-    if output_dir.is_dir() and any(output_dir.iterdir()):  # it is replaced whole: only ever an earlier report
-        existing = output_dir / MANIFEST_NAME
-        if not existing.is_file() or _read_json(existing).get("stage") != "report":
-            raise UserError(f"output_dir {args.output_dir} exists and is not an earlier report; choose another")
+    claim_output_dir(args.output_dir, "report")  # it is replaced whole: only ever an earlier report
 
     # ---------------------------------------------------------------- collect, plot, render
     with atomic_output_dir(args.output_dir, args.overwrite) as tmp:

@@ -27,8 +27,9 @@ from dataclasses import asdict, dataclass, field
 
 from trl import ModelConfig, RewardConfig, RewardTrainer
 
-from data_prep.artifacts import UserError, build_manifest, parse_config, refuse_overlap, run_cli, write_manifest
+from data_prep.artifacts import UserError, build_manifest, parse_config, run_cli, write_manifest
 from recipes.common import (account_for_dropped_rows, check_max_length, check_special_tokens, check_training_numbers,
+                            claim_run_dir,
                             keep_token_count_across_resume, load_pretrained, load_splits, mark_incomplete, model_card,
                             no_zero3_init, publish, resolve_resume, save_trained, training_summary,
                             with_cpu_process_group)
@@ -58,8 +59,8 @@ def main(script_args, training_args, model_args, peft_args, callbacks=None) -> d
 
     started = time.time()
     refuse_broken_combination("reward", model_args, peft_args)
-    refuse_overlap(training_args.output_dir, {"dataset_path": script_args.dataset_path,
-                                              "model_name_or_path": model_args.model_name_or_path})
+    claim_run_dir(training_args.output_dir, "reward", {"dataset_path": script_args.dataset_path,
+                                                       "model_name_or_path": model_args.model_name_or_path})
     # ------------------------------------------------------------------ data
     data_manifest, train_dataset, test_dataset = load_splits(
         script_args.dataset_path, script_args.dataset_train_split, script_args.dataset_test_split, validate_preferences)

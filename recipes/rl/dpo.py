@@ -26,7 +26,8 @@ from dataclasses import asdict, dataclass, field
 from trl import DPOConfig, ModelConfig
 
 from data_prep.artifacts import UserError, parse_config, run_cli
-from recipes.common import (account_for_dropped_rows, check_max_length, check_settings, check_special_tokens, check_training_numbers,
+from recipes.common import (account_for_dropped_rows, check_max_length, check_settings, check_special_tokens,
+                            check_training_numbers, claim_run_dir,
                             fused_head_on_labelled_positions_only, keep_token_count_across_resume, load_splits,
                             mark_incomplete, resolve_resume, save_trained, training_summary, with_cpu_process_group)
 from recipes.peft_methods import PeftMethodArguments, build_peft_config, trainable_parameters
@@ -63,6 +64,9 @@ def main(script_args, training_args, model_args, peft_args, callbacks=None) -> d
     from recipes.rl.rewards import RewardModelScorer
 
     started = time.time()
+    claim_run_dir(training_args.output_dir, "dpo", {
+        "model_name_or_path": model_args.model_name_or_path, "dataset_path": script_args.dataset_path,
+        "prompts_path": script_args.prompts_path, "reward_model_path": script_args.reward_model_path})
     reference_curves = load_reference_curves(script_args.reference_curves)
     # ------------------------------------------------------------------ data
     data_manifest, train_pairs, test_pairs = load_splits(

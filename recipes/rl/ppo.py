@@ -30,8 +30,8 @@ from pathlib import Path
 from trl import ModelConfig
 
 from data_prep.artifacts import UserError, parse_config, run_cli
-from recipes.common import (load_pretrained, mark_incomplete, no_zero3_init, resolve_resume, training_summary,
-                            with_cpu_process_group)
+from recipes.common import (claim_run_dir, load_pretrained, mark_incomplete, no_zero3_init, resolve_resume,
+                            training_summary, with_cpu_process_group)
 from recipes.peft_methods import PeftMethodArguments, build_peft_config, trainable_parameters
 from recipes.rl.common import (ReferenceCurveArguments, RLShapingArguments, check_settings, finish_run,
                               load_reference_curves, model_load_kwargs, require_conversational, summary_line)
@@ -67,6 +67,10 @@ def main(script_args, training_args, model_args, peft_args, callbacks=None) -> d
     from recipes.rl.rewards import build_reward_funcs
 
     started = time.time()
+    claim_run_dir(training_args.output_dir, "ppo", {
+        "model_name_or_path": model_args.model_name_or_path, "dataset_path": script_args.dataset_path,
+        "reward_model_path": script_args.reward_model_path, "value_model_path": script_args.value_model_path,
+        "ref_model_path": script_args.ref_model_path})
     # checked before loading; a PPO checkpoint's save writes ppo_state.json last
     resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir, PPO_STATE_NAME)
     reference_curves = load_reference_curves(script_args.reference_curves)

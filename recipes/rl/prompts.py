@@ -65,12 +65,10 @@ def load_prompts(dataset_path: str | None, train_split: str, test_split: str | N
         raise UserError("set exactly one of dataset_path (a data_prep output) and dataset_name (a Hub prompt set)")
     splits = [s for s in (train_split, test_split) if s and s.lower() != "none"]
     if dataset_path:
-        from datasets import load_from_disk
-
-        from data_prep.artifacts import read_manifest
+        from data_prep.artifacts import load_saved_dataset, read_manifest
 
         manifest = read_manifest(dataset_path, "dataset")
-        dataset = load_from_disk(dataset_path)
+        dataset = load_saved_dataset(dataset_path)
         for split in splits:
             if split not in dataset:
                 raise UserError(f"{dataset_path}: no split '{split}' (has {', '.join(dataset)})")

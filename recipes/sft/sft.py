@@ -26,8 +26,9 @@ from pathlib import Path
 
 from trl import ModelConfig, SFTConfig
 
-from data_prep.artifacts import UserError, build_manifest, parse_config, refuse_overlap, run_cli, write_manifest
+from data_prep.artifacts import UserError, build_manifest, parse_config, run_cli, write_manifest
 from recipes.common import (account_for_dropped_rows, check_max_length, check_settings, check_special_tokens,
+                            claim_run_dir,
                             check_training_numbers, fused_head_on_labelled_positions_only,
                             keep_token_count_across_resume, load_pretrained, load_splits, mark_incomplete, model_card,
                             no_zero3_init, publish, resolve_resume, save_trained, training_summary,
@@ -60,9 +61,9 @@ def main(script_args, training_args, model_args, peft_args, callbacks=None) -> d
 
     started = time.time()
     refuse_broken_combination("sft", model_args, peft_args)
-    refuse_overlap(training_args.output_dir, {"dataset_path": script_args.dataset_path,
-                                              "model_name_or_path": model_args.model_name_or_path,
-                                              "chat_template_path": training_args.chat_template_path})
+    claim_run_dir(training_args.output_dir, "sft", {"dataset_path": script_args.dataset_path,
+                                                    "model_name_or_path": model_args.model_name_or_path,
+                                                    "chat_template_path": training_args.chat_template_path})
     # ------------------------------------------------------------------ data
     data_manifest, train_dataset, test_dataset = load_splits(
         script_args.dataset_path, script_args.dataset_train_split, script_args.dataset_test_split, validate_messages)
