@@ -98,24 +98,29 @@ def split_by_prompt(pairs: list[dict], test_fraction: float, seed: int) -> dict[
     return out
 
 
-def convert(rows: list[dict], fmt: str, name: str) -> list[dict]:
+def convert(rows: list[dict], fmt: str, name: str, where: list[str] | None = None) -> list[dict]:
+    """prompt/chosen/rejected pairs, keeping only role/content in each message (other keys, typed
+    differently across rows, would not fit one Arrow column). Errors name `where[i]` or else `name: row i`."""
     if fmt not in FORMATS:
         raise UserError(f"unknown format '{fmt}' (use {' or '.join(FORMATS)})")
     to_pair = hh_rlhf_to_preference if fmt == "hh_rlhf" else preference_passthrough
     out = []
     for index, row in enumerate(rows):
+        at = where[index] if where else f"{name}: row {index}"
         try:
             pair = to_pair(row)
         except ValueError as err:
-            raise UserError(f"{name}: row {index}: {err}") from None
+            raise UserError(f"{at}: {err}") from None
         # checked here, before the split, so that the message names the input row
         problem = preference_problem(pair)
         if problem:
-            raise UserError(f"{name}: row {index}: {problem}")
+            raise UserError(f"{at}: {problem}")
         for key in ("prompt", "chosen", "rejected"):  # an Arrow column holds one type: strings or lists
             if out and isinstance(pair[key], list) != isinstance(out[0][key], list):
-                raise UserError(f"{name}: row {index}: field '{key}' is {_kind(pair[key])} but in row 0 it is "
+                raise UserError(f"{at}: field '{key}' is {_kind(pair[key])} but in the first row it is "
                                 f"{_kind(out[0][key])}; use one format for all rows")
+            if isinstance(pair[key], list):
+                pair[key] = [{"role": m["role"], "content": m["content"]} for m in pair[key]]
         out.append(pair)
     return out
 
@@ -154,7 +159,8 @@ def build_pairs(args: PreferenceDataArguments) -> tuple[dict[str, list[dict]], d
     if args.source == "local":
         if not args.input_path:
             raise UserError("source=local needs --input_path")
-        pairs = convert(read_local_rows(args.input_path)[: args.max_rows], args.format, args.input_path)
+        rows, where = read_local_rows(args.input_path)
+        pairs = convert(rows[: args.max_rows], args.format, args.input_path, where)
         inputs = {"source": "local", "path": args.input_path, "hash": file_fingerprint([args.input_path]),
                   "max_rows": args.max_rows}
         return split_by_prompt(pairs, args.test_fraction, args.seed), inputs

@@ -91,16 +91,20 @@ class SFTDataArguments:
 
 
 # ----------------------------------------------------------------------------- readers
-def read_local_rows(path: str) -> list[dict]:
-    """Rows of a .jsonl, .json (a list of objects) or .parquet file, with errors naming file and line."""
+def read_local_rows(path: str) -> tuple[list, list[str]]:
+    """(rows, where each row is) of a .jsonl, .json (a list of objects) or .parquet file: `where` names the file
+    and the line (.jsonl, from 1, as an editor shows it), item (.json) or row (.parquet), for later errors."""
     file = Path(path)
     if not file.is_file():
         raise UserError(f"input file not found: {file}")
     if file.suffix == ".parquet":
-        return read_parquet(file).to_pylist()
+        rows = read_parquet(file).to_pylist()
+        return rows, [f"{file}: row {index}" for index in range(len(rows))]
     if file.suffix not in (".jsonl", ".json"):
         raise UserError(f"{file}: unsupported file type (use .jsonl, .json or .parquet)")
-    return [row for _, row, _ in json_records(file, read_utf8(file))]
+    records = list(json_records(file, read_utf8(file)))
+    return ([row for _, row, _ in records],
+            [f"{file}:{position}" if unit == "line" else f"{file}: item {position}" for position, _, unit in records])
 
 
 def read_hub_rows(name: str, config: str | None, split: str, max_rows: int | None) -> list[dict]:
@@ -120,20 +124,22 @@ def read_hub_rows(name: str, config: str | None, split: str, max_rows: int | Non
     return rows
 
 
-def to_chat_rows(rows: list[dict], fmt: str, name: str) -> list[dict]:
-    """Convert to {messages, task, answer, safety_label}, keeping only role/content in each message."""
+def to_chat_rows(rows: list[dict], fmt: str, name: str, where: list[str] | None = None) -> list[dict]:
+    """Convert to {messages, task, answer, safety_label}, keeping only role/content in each message. Errors
+    name `where[i]` (a local file's line) or else `name: row i` (a Hub split's row)."""
     if fmt not in FORMATS:
         raise UserError(f"unknown format '{fmt}' (use {' or '.join(FORMATS)})")
     out = []
     for index, row in enumerate(rows):
+        at = where[index] if where else f"{name}: row {index}"
         if fmt == "alpaca":
             try:
                 row = alpaca_to_messages(row)
             except ValueError as err:
-                raise UserError(f"{name}: row {index}: {err}") from None
+                raise UserError(f"{at}: {err}") from None
         problem = message_problem(row)
         if problem:
-            raise UserError(f"{name}: row {index}: {problem}")
+            raise UserError(f"{at}: {problem}")
         messages = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
         out.append({"messages": messages, "task": "chat", "answer": messages[-1]["content"], "safety_label": ""})
     return out
@@ -184,7 +190,8 @@ def build_splits(args: SFTDataArguments) -> tuple[dict[str, list[dict]], dict]:
     if args.source == "local":
         if not args.input_path:
             raise UserError("source=local needs --input_path")
-        rows = to_chat_rows(read_local_rows(args.input_path)[: args.max_rows], args.format, args.input_path)
+        rows, where = read_local_rows(args.input_path)
+        rows = to_chat_rows(rows[: args.max_rows], args.format, args.input_path, where)
         inputs = {"source": "local", "path": args.input_path, "hash": file_fingerprint([args.input_path]),
                   "max_rows": args.max_rows}
         return split_off_test(dedup(rows, set()), args), inputs

@@ -401,7 +401,11 @@ def test_local_bad_row_is_one_line_naming_file_row_and_field(tmp_path):
     chats.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(UserError) as err:
         build_sft_data.main(["--source", "local", "--input_path", str(chats), "--output_dir", str(tmp_path / "x")])
-    assert str(err.value) == f"{chats}: row 1: messages[1].content is an empty assistant turn"
+    assert str(err.value) == f"{chats}:2: messages[1].content is an empty assistant turn"  # the file's line
+    as_json = tmp_path / "chats.json"
+    as_json.write_text(json.dumps(rows))
+    with pytest.raises(UserError, match=f"^{as_json}: item 1: messages\\[1\\].content is an empty assistant turn$"):
+        build_sft_data.main(["--source", "local", "--input_path", str(as_json), "--output_dir", str(tmp_path / "x")])
     assert not (tmp_path / "x").exists()
 
 
@@ -425,7 +429,7 @@ def test_local_preferences_mixing_string_and_message_prompts_name_file_and_row(t
     with pytest.raises(UserError) as err:
         build_preference_data.main(["--source", "local", "--input_path", str(prefs),
                                     "--output_dir", str(tmp_path / "p")])
-    assert str(err.value) == (f"{prefs}: row 1: field 'prompt' is a list of messages but in row 0 it is a string; "
+    assert str(err.value) == (f"{prefs}:2: field 'prompt' is a list of messages but in the first row it is a string; "
                               "use one format for all rows")
     assert not (tmp_path / "p").exists()
 
@@ -598,7 +602,7 @@ def test_local_row_that_is_not_an_object_is_one_line(tmp_path, module, fmt, bad_
     rows = write_jsonl(tmp_path / "rows.jsonl", [good, bad_row])
     with pytest.raises(UserError) as err:
         module.main(["--source", "local", "--input_path", rows, "--format", fmt, "--output_dir", str(tmp_path / "o")])
-    assert str(err.value) == f"{rows}: row 1: {message}"
+    assert str(err.value) == f"{rows}:2: {message}"
     assert not (tmp_path / "o").exists()
 
 
@@ -631,6 +635,19 @@ def test_an_option_the_chosen_source_never_reads_is_refused(tmp_path, module, ar
     """Set, it would change nothing without a word (or a forgotten --source builds other data)."""
     with pytest.raises(UserError, match=f"^{message}$"):
         globals()[module].main([*argv, "--output_dir", str(tmp_path / "o")])
+
+
+def test_local_preference_messages_keep_role_and_content_only(tmp_path):
+    """Extra message keys typed differently across rows (a `name` that is a string here, a number there) do
+    not fit one Arrow column: pyarrow's ArrowInvalid traceback, before they were dropped."""
+    rows = [{"prompt": [{"role": "user", "content": f"question {i}"}],
+             "chosen": [{"role": "assistant", "content": f"answer {i}", "name": "bot" if i % 2 else 7}],
+             "rejected": [{"role": "assistant", "content": f"worse {i}"}]} for i in range(8)]
+    prefs = write_jsonl(tmp_path / "prefs.jsonl", rows)
+    build_preference_data.main(["--source", "local", "--input_path", prefs, "--output_dir", str(tmp_path / "p")])
+    pairs = load_from_disk(str(tmp_path / "p"))
+    chosen = [pair["chosen"] for split in pairs.values() for pair in split]
+    assert len(chosen) == 8 and all(list(turn) == ["role", "content"] for turns in chosen for turn in turns)
 
 
 def test_output_dir_that_is_the_input_is_refused(tmp_path):
