@@ -3,12 +3,13 @@
     python -m data_prep.pack_dataset --corpus_dir outputs/corpus --tokenizer_dir outputs/tokenizer \
         --output_dir outputs/packed --block_size 256 --num_proc 2
 
-Each document becomes `<bos> text <eos>`; documents are concatenated and cut into blocks of
+Each document becomes `<bos> text <eos>`, where text that spells a special token (`<|end_of_text|>` in
+a document about tokenizers) is encoded as ordinary text, not as that token; documents are concatenated and cut into blocks of
 `block_size` tokens. Packing happens per batch of `pack_batch_size` documents inside
 `Dataset.map(num_proc=...)`; the last, shorter block of each batch is right-padded with the pad
 token and masked (`attention_mask` 0), so no token is lost or repeated. With the default batch
 of 2,000 documents this wastes well under 1% of positions. Sizes: the embedded default packs to
-~1.6M tokens (~6,000 blocks of 256) in seconds; FineWeb-Edu sample-10BT is ~10B tokens and wants
+5.0M train tokens (19,640 blocks of 256, vocab 512) in about 10 seconds on 2 cores; FineWeb-Edu sample-10BT is ~10B tokens and wants
 all cores for about an hour.
 """
 
@@ -72,6 +73,10 @@ def pack_dataset(args: PackArguments) -> dict:
     bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
 
     def tokenize_and_pack(batch):
+        # the text "<|end_of_text|>" in a document (code, a web page about tokenizers) stays text: as the
+        # special token it would end the document early. Set here, as num_proc workers get an unpickled copy
+        # of the tokenizer, which forgets it.
+        backend.encode_special_tokens = True
         encoded = backend.encode_batch(batch["text"], add_special_tokens=False)
         return pack_blocks([[bos, *enc.ids, eos] for enc in encoded], args.block_size, pad)
 
@@ -107,7 +112,7 @@ def pack_dataset(args: PackArguments) -> dict:
             "tokenizer_fingerprint": tokenizer_manifest["fingerprint"],
         }
         options = {"block_size": args.block_size, "pack_batch_size": args.pack_batch_size, "bos": bos, "eos": eos,
-                   "pad": pad}
+                   "pad": pad, "special_token_text": "encoded as text"}
         manifest = build_manifest("packed", inputs, options, outputs)
         packed.save_to_disk(str(tmp))
         shutil.rmtree(cache)

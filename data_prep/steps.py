@@ -8,8 +8,9 @@ same classes can later be wrapped as datatrove blocks and sharded over many
 workers (`rank`/`world_size` select a shard of the input files).
 
 Sizes: the embedded default reads the Python standard library that ships with
-the interpreter, about 30 MB of source in ~2,000 files; a few hundred files are
-enough for the tiny preset.
+the interpreter, less its tests, IDLE, lib2to3 and turtledemo: 578 modules on
+Python 3.11, which give 1,062 documents and 11.5 MB of text; 60 of them are enough
+for the tests.
 """
 
 from __future__ import annotations

@@ -48,6 +48,7 @@ def test_packing_preserves_every_document_token(tiny_data, packed, split):
     tokenizer = load_tokenizer(tiny_data["tokenizer"])
     bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
     docs = load_from_disk(str(tiny_data["corpus"]))[split]["text"]
+    tokenizer.backend_tokenizer.encode_special_tokens = True  # as packing encodes: special-token text stays text
     encoded = tokenizer.backend_tokenizer.encode_batch(docs, add_special_tokens=False)
     expected = [tok for enc in encoded for tok in (bos, *enc.ids, eos)]
 
@@ -81,7 +82,8 @@ def test_manifest_names_inputs_and_options(tiny_data, packed):
         assert manifest["inputs"][f"{stage}_fingerprint"] == upstream["fingerprint"]
     tokenizer = load_tokenizer(tiny_data["tokenizer"])
     assert manifest["options"] == {"block_size": BLOCK_SIZE, "pack_batch_size": BATCH, "bos": tokenizer.bos_token_id,
-                                   "eos": tokenizer.eos_token_id, "pad": tokenizer.pad_token_id}
+                                   "eos": tokenizer.eos_token_id, "pad": tokenizer.pad_token_id,
+                                   "special_token_text": "encoded as text"}
     assert manifest["outputs"]["block_size"] == BLOCK_SIZE
 
 
@@ -155,3 +157,32 @@ def test_output_dir_that_is_the_tokenizer_is_refused(tiny_data, tmp_path):
         pack_dataset(PackArguments(corpus_dir=str(tiny_data["corpus"]), tokenizer_dir=str(tokenizer),
                                    output_dir=str(tokenizer)))
     assert sorted(p.name for p in tokenizer.iterdir()) == before
+
+
+def test_text_that_spells_a_special_token_is_packed_as_text(tiny_data, tmp_path):
+    """A document about tokenizers may contain "<|end_of_text|>": as the eos id it would end the document
+    early and teach the model to stop there. Two processes, as workers get an unpickled tokenizer."""
+    from data_prep.build_corpus import CorpusArguments, build_corpus
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    texts = [f"document {i}: GPT-style models end a text with <|end_of_text|> and a chat turn with <|end|>; "
+             f"<|user|> marks the user. Filler so that the document is kept: {'abc ' * i}" for i in range(12)]
+    for i, text in enumerate(texts):
+        (docs / f"{i:02d}.txt").write_text(text)
+    build_corpus(CorpusArguments(source="local", input_paths=[str(docs)], output_dir=str(tmp_path / "corpus"),
+                                 validation_fraction=0.25))
+    pack_dataset(PackArguments(corpus_dir=str(tmp_path / "corpus"), tokenizer_dir=str(tiny_data["tokenizer"]),
+                               output_dir=str(tmp_path / "packed"), block_size=BLOCK_SIZE, num_proc=2,
+                               pack_batch_size=2))
+    tokenizer = load_tokenizer(tiny_data["tokenizer"])
+    special = set(tokenizer.all_special_ids) | {tokenizer.convert_tokens_to_ids(t) for t in ("<|end|>", "<|user|>")}
+    packed = load_from_disk(str(tmp_path / "packed"))
+    for split in ("train", "validation"):
+        stream = [t for ids, mask in zip(packed[split]["input_ids"], packed[split]["attention_mask"])
+                  for t, m in zip(ids, mask) if m]
+        # every document is exactly <bos> text <eos>: special ids only at the boundaries
+        documents = tokenizer.decode(stream, skip_special_tokens=False).split("<|begin_of_text|>")[1:]
+        assert sorted(d.removesuffix("<|end_of_text|>") for d in documents) == sorted(
+            load_from_disk(str(tmp_path / "corpus"))[split]["text"])
+        assert sum(t in special for t in stream) == 2 * len(documents)
