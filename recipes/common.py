@@ -35,13 +35,21 @@ def with_cpu_process_group(argv: list[str] | None) -> list[str]:
 
 
 def resolve_resume(resume_from_checkpoint: str | None, output_dir: str,
-                   written_last: str = "trainer_state.json") -> str | None:
+                   written_last: str = "trainer_state.json", optimizer: dict | None = None) -> str | None:
     """`true`/`last` means the newest complete checkpoint in output_dir; anything else is a path, which must be
     a complete checkpoint. Trainer writes checkpoints in place, so a save that died midway leaves a directory
     with the weights but not all the state: complete means it holds `written_last` (the file its save writes
-    last) and the random states, which a `save_only_model` checkpoint lacks along with the optimizer."""
+    last) and the random states, which a `save_only_model` checkpoint lacks along with the optimizer.
+    `optimizer` (`optimizer_settings`): refuse a checkpoint whose optimizer state was built with others."""
     if not resume_from_checkpoint or resume_from_checkpoint.lower() in ("false", "none"):
         return None
+    resume = _complete_checkpoint(resume_from_checkpoint, output_dir, written_last)
+    if optimizer is not None:
+        _refuse_other_optimizer(resume, optimizer)
+    return resume
+
+
+def _complete_checkpoint(resume_from_checkpoint: str, output_dir: str, written_last: str) -> str:
     if resume_from_checkpoint.lower() not in ("true", "last"):
         if not os.path.isdir(resume_from_checkpoint):
             raise UserError(f"resume_from_checkpoint: directory not found: {resume_from_checkpoint}")
@@ -79,6 +87,43 @@ def _incomplete_checkpoint(checkpoint: Path, written_last: str) -> str | None:
         return ("holds no optimizer, schedule or random state (saved with save_only_model), so it cannot continue "
                 "a run; start a new run from its weights instead")
     return None
+
+
+OPTIMIZER_SETTINGS_NAME = "optimizer_settings.json"  # in checkpoint-N: what its optimizer state was built with
+OPTIMIZER_STATE_KEYS = ("learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon")
+
+
+def optimizer_settings(training_args, **extra) -> dict:
+    """What a checkpoint's optimizer and scheduler state fix: a resume restores each param group's lr, betas,
+    eps and weight decay and the schedule's base learning rates, so a new value would be ignored without a
+    word (and another optimizer, whose state has other param groups or fields, would not load)."""
+    return {"optimizer": str(getattr(training_args.optim, "value", training_args.optim)),
+            **{key: getattr(training_args, key) for key in OPTIMIZER_STATE_KEYS}, **extra}
+
+
+def save_optimizer_settings(trainer, settings: dict) -> None:
+    """Write `settings` into every checkpoint, for `resolve_resume(..., optimizer=settings)` to compare."""
+    from transformers import TrainerCallback
+
+    class SaveOptimizerSettings(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if state.is_world_process_zero and checkpoint.is_dir():
+                (checkpoint / OPTIMIZER_SETTINGS_NAME).write_text(json.dumps(settings, indent=2))
+
+    trainer.add_callback(SaveOptimizerSettings())
+
+
+def _refuse_other_optimizer(checkpoint: str, settings: dict) -> None:
+    try:
+        saved = json.loads((Path(checkpoint) / OPTIMIZER_SETTINGS_NAME).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return  # saved before checkpoints recorded them, or by another script: the Trainer loads what it can
+    for key, value in settings.items():
+        if isinstance(saved, dict) and key in saved and saved[key] != value:
+            raise UserError(f"resume_from_checkpoint: {checkpoint} was trained with {key} {saved[key]}, and the "
+                            f"settings give {value}; a resume restores the checkpoint's optimizer state, so "
+                            "resume with its settings, or start a new run from its weights")
 
 
 TOKEN_COUNT_NAME = "num_tokens.json"

@@ -99,6 +99,15 @@ def run_interrupted_and_resumed(run, argv, tmp_path, drop_from_checkpoint=()):
     shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
     for name in drop_from_checkpoint:
         (resumed / "checkpoint-2" / name).unlink()
+    # the restored optimizer and schedule state would keep the checkpoint's learning rate: a new one is refused
+    from data_prep.artifacts import UserError
+    from recipes.common import OPTIMIZER_SETTINGS_NAME
+
+    assert (resumed / "checkpoint-2" / OPTIMIZER_SETTINGS_NAME).is_file()
+    with pytest.raises(UserError, match=f"^resume_from_checkpoint: {resumed / 'checkpoint-2'} was trained with "
+                                        "learning_rate .*, and the settings give 0.123; "):
+        run(argv(resumed, "--resume_from_checkpoint", "true", "--learning_rate", "0.123"), None)
+    assert sorted(p.name for p in resumed.iterdir()) == ["checkpoint-2"]
     trained = StepsTrained()
     run(argv(resumed, "--resume_from_checkpoint", "true"), [trained])
     assert trained.steps == [3, 4]  # it went on from the checkpoint

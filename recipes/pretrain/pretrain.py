@@ -22,12 +22,13 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 from data_prep.artifacts import (MANIFEST_NAME, UserError, build_manifest, load_saved_dataset, parse_config,
                                  read_manifest, run_cli, write_manifest)
-from recipes.common import (check_settings, check_training_numbers, claim_run_dir, mark_incomplete, model_card, publish,
-                            resolve_resume, with_cpu_process_group)
+from recipes.common import (check_settings, check_training_numbers, claim_run_dir, mark_incomplete, model_card,
+                            optimizer_settings, publish, resolve_resume, save_optimizer_settings,
+                            with_cpu_process_group)
 from recipes.pretrain.muon import MuonWithAdamW, muon_optimizer_kwargs
 
 
@@ -170,13 +171,12 @@ def main(script_args, training_args, arch_args, callbacks=None) -> dict:
                                 optimizer_cls_and_kwargs=optimizer_factory)
     if script_args.muon:
         _check_muon_supported(trainer)
-    optimizer_settings = _optimizer_settings(script_args, training_args)
-    trainer.add_callback(SaveOptimizerSettings(optimizer_settings))
+    settings = optimizer_settings(training_args, **_optimizer_summary(script_args, training_args))
+    save_optimizer_settings(trainer, settings)
     # a bad resume_from_checkpoint is refused before the finished run's manifest goes
-    resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
+    resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir, optimizer=settings)
     if resume:
         _refuse_other_architecture(resume, config)
-        _refuse_other_optimizer(resume, optimizer_settings)
     if trainer.is_world_process_zero():
         mark_incomplete(training_args.output_dir)
     device = trainer.args.device
@@ -327,39 +327,6 @@ def _refuse_other_tokenizer(tokenizer_path: str, data_manifest: dict, dataset_pa
 ARCHITECTURE_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads", "max_position_embeddings", "num_local_experts",
                      "num_experts_per_tok", "tie_word_embeddings", "rope_parameters", "rope_theta")
-OPTIMIZER_SETTINGS_NAME = "optimizer_settings.json"  # in checkpoint-N: what its optimizer state was built with
-
-
-def _optimizer_settings(script_args, training_args) -> dict:
-    """What a checkpoint's optimizer and scheduler state fix: a resume restores each param group's lr, betas,
-    eps and weight decay and the schedule's base learning rates, so a new value would be ignored (and a
-    switch to or from Muon, whose param groups differ, would not load at all)."""
-    return {**_optimizer_summary(script_args, training_args),
-            **{key: getattr(training_args, key) for key in ("learning_rate", "weight_decay", "adam_beta1",
-                                                             "adam_beta2", "adam_epsilon")}}
-
-
-class SaveOptimizerSettings(TrainerCallback):
-    def __init__(self, settings: dict):
-        self.settings = settings
-
-    def on_save(self, args, state, control, **kwargs):
-        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if state.is_world_process_zero and checkpoint.is_dir():
-            (checkpoint / OPTIMIZER_SETTINGS_NAME).write_text(json.dumps(self.settings, indent=2))
-
-
-def _refuse_other_optimizer(checkpoint: str, settings: dict) -> None:
-    saved_path = Path(checkpoint) / OPTIMIZER_SETTINGS_NAME
-    try:
-        saved = json.loads(saved_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return  # saved before checkpoints recorded them, or by another script: the Trainer loads what it can
-    for key in settings:
-        if isinstance(saved, dict) and key in saved and saved[key] != settings[key]:
-            raise UserError(f"resume_from_checkpoint: {checkpoint} was trained with {key} {saved[key]}, and the "
-                            f"settings give {settings[key]}; a resume restores the checkpoint's optimizer state, so "
-                            "resume with its settings, or start a new run from its weights")
 
 
 def _refuse_other_architecture(checkpoint: str, config) -> None:

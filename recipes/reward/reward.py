@@ -29,10 +29,9 @@ from trl import ModelConfig, RewardConfig, RewardTrainer
 
 from data_prep.artifacts import UserError, build_manifest, parse_config, run_cli, write_manifest
 from recipes.common import (account_for_dropped_rows, check_max_length, check_special_tokens, check_training_numbers,
-                            claim_run_dir,
-                            keep_token_count_across_resume, load_pretrained, load_splits, mark_incomplete, model_card,
-                            no_zero3_init, publish, resolve_resume, save_trained, training_summary,
-                            with_cpu_process_group)
+                            claim_run_dir, keep_token_count_across_resume, load_pretrained, load_splits,
+                            mark_incomplete, model_card, no_zero3_init, optimizer_settings, publish, resolve_resume,
+                            save_optimizer_settings, save_trained, training_summary, with_cpu_process_group)
 from recipes.peft_methods import (PeftMethodArguments, build_peft_config, quantization_config, refuse_broken_combination,
                                   trainable_parameters)
 from recipes.reward.shared_prompt import (SharedPromptCollator, check_attention_implementation, merged_length,
@@ -92,7 +91,8 @@ def main(script_args, training_args, model_args, peft_args, callbacks=None) -> d
         account_for_dropped_rows(trainer, given, "a side longer than max_length",
                                  lambda message: _log(trainer, message))
     # a bad resume_from_checkpoint is refused before the finished run's manifest goes
-    resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
+    resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir,
+                            optimizer=optimizer_settings(training_args))
     if trainer.is_world_process_zero():
         mark_incomplete(training_args.output_dir)
     trainable, total = trainable_parameters(trainer.model)
@@ -102,6 +102,7 @@ def main(script_args, training_args, model_args, peft_args, callbacks=None) -> d
 
     # ------------------------------------------------------------------ train
     keep_token_count_across_resume(trainer, resume)
+    save_optimizer_settings(trainer, optimizer_settings(training_args))
     train_result = trainer.train(resume_from_checkpoint=resume)
 
     # ------------------------------------------------------------------ save

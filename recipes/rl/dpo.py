@@ -27,9 +27,10 @@ from trl import DPOConfig, ModelConfig
 
 from data_prep.artifacts import UserError, parse_config, run_cli
 from recipes.common import (account_for_dropped_rows, check_max_length, check_settings, check_special_tokens,
-                            check_training_numbers, claim_run_dir,
-                            fused_head_on_labelled_positions_only, keep_token_count_across_resume, load_splits,
-                            mark_incomplete, resolve_resume, save_trained, training_summary, with_cpu_process_group)
+                            check_training_numbers, claim_run_dir, fused_head_on_labelled_positions_only,
+                            keep_token_count_across_resume, load_splits, mark_incomplete, optimizer_settings,
+                            resolve_resume, save_optimizer_settings, save_trained, training_summary,
+                            with_cpu_process_group)
 from recipes.peft_methods import PeftMethodArguments, build_peft_config, trainable_parameters
 from recipes.rl.common import (ReferenceCurveArguments, evaluate_saved_policy, finish_run, load_policy,
                               load_reference_curves, require_conversational, summary_line)
@@ -107,7 +108,8 @@ def main(script_args, training_args, model_args, peft_args, callbacks=None) -> d
         account_for_dropped_rows(trainer, given, "the prompt alone fills max_length, so no reply token is left",
                                  lambda message: _log(trainer, message))
     # a bad resume_from_checkpoint is refused before the finished run's manifest goes
-    resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
+    resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir,
+                            optimizer=optimizer_settings(training_args))
     if trainer.is_world_process_zero():
         mark_incomplete(training_args.output_dir)
     trainable, total = trainable_parameters(trainer.model)
@@ -116,6 +118,7 @@ def main(script_args, training_args, model_args, peft_args, callbacks=None) -> d
 
     # ------------------------------------------------------------------ train
     keep_token_count_across_resume(trainer, resume)
+    save_optimizer_settings(trainer, optimizer_settings(training_args))
     train_result = trainer.train(resume_from_checkpoint=resume)
 
     # ------------------------------------------------------------------ save

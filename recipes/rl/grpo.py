@@ -27,8 +27,9 @@ import trl
 from trl import ModelConfig
 
 from data_prep.artifacts import UserError, parse_config, run_cli
-from recipes.common import (claim_run_dir, fused_head_on_labelled_positions_only, mark_incomplete, resolve_resume,
-                            save_trained, training_summary, with_cpu_process_group)
+from recipes.common import (claim_run_dir, fused_head_on_labelled_positions_only, mark_incomplete, optimizer_settings,
+                            resolve_resume, save_optimizer_settings, save_trained, training_summary,
+                            with_cpu_process_group)
 from recipes.peft_methods import PeftMethodArguments, build_peft_config, trainable_parameters
 from recipes.rl.common import (OnlineRLChecks, PromptArguments, evaluate_saved_policy, finish_run, load_policy,
                               load_reference_curves, require_conversational, summary_line)
@@ -56,7 +57,8 @@ def main(script_args, training_args, model_args, peft_args, callbacks=None, meth
     claim_run_dir(training_args.output_dir, method, {
         "model_name_or_path": model_args.model_name_or_path, "dataset_path": script_args.dataset_path,
         "reward_model_path": script_args.reward_model_path})
-    resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)  # checked before loading
+    resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir,  # checked before loading
+                            optimizer=optimizer_settings(training_args))
     reference_curves = load_reference_curves(script_args.reference_curves)
     # ------------------------------------------------------------------ data
     data_inputs, train_prompts, test_prompts = load_prompts(
@@ -99,6 +101,7 @@ def main(script_args, training_args, model_args, peft_args, callbacks=None, meth
                   f"beta {training_args.beta}")
 
     # ------------------------------------------------------------------ train
+    save_optimizer_settings(trainer, optimizer_settings(training_args))
     train_result = trainer.train(resume_from_checkpoint=resume)
 
     # ------------------------------------------------------------------ save

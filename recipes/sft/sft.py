@@ -28,11 +28,10 @@ from trl import ModelConfig, SFTConfig
 
 from data_prep.artifacts import UserError, build_manifest, parse_config, run_cli, write_manifest
 from recipes.common import (account_for_dropped_rows, check_max_length, check_settings, check_special_tokens,
-                            claim_run_dir,
-                            check_training_numbers, fused_head_on_labelled_positions_only,
+                            check_training_numbers, claim_run_dir, fused_head_on_labelled_positions_only,
                             keep_token_count_across_resume, load_pretrained, load_splits, mark_incomplete, model_card,
-                            no_zero3_init, publish, resolve_resume, save_trained, training_summary,
-                            with_cpu_process_group)
+                            no_zero3_init, optimizer_settings, publish, resolve_resume, save_optimizer_settings,
+                            save_trained, training_summary, with_cpu_process_group)
 from recipes.peft_methods import (PeftMethodArguments, build_peft_config, quantization_config, refuse_broken_combination,
                                   trainable_parameters)
 
@@ -102,7 +101,8 @@ def main(script_args, training_args, model_args, peft_args, callbacks=None) -> d
     account_for_dropped_rows(trainer, _unpacked_row_counts(training_args, train_dataset, trainer.eval_dataset),
                              "no assistant token left after truncation", lambda message: _log(trainer, message))
     # a bad resume_from_checkpoint is refused before the finished run's manifest goes
-    resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
+    resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir,
+                            optimizer=optimizer_settings(training_args))
     if trainer.is_world_process_zero():
         mark_incomplete(training_args.output_dir)
     trainable, total = trainable_parameters(trainer.model)
@@ -111,6 +111,7 @@ def main(script_args, training_args, model_args, peft_args, callbacks=None) -> d
 
     # ------------------------------------------------------------------ train
     keep_token_count_across_resume(trainer, resume)
+    save_optimizer_settings(trainer, optimizer_settings(training_args))
     train_result = trainer.train(resume_from_checkpoint=resume)
 
     # ------------------------------------------------------------------ save
