@@ -344,6 +344,20 @@ def test_an_eval_of_an_earlier_build_is_left_out_of_the_rebuilt_stage(tmp_path):
     column = {name: i for i, name in enumerate(summary["table"]["header"])}
     rows = {row[0]: row for row in _table_rows(markdown, "Metrics across stages")}
     assert rows["sft_tiny"][column["exact match"]] == "0.550"
+    # the judge rebuilt since: its pairwise accuracy from that eval is not this reward model's
+    (outputs / "eval_old_judge").mkdir()
+    (outputs / "eval_old_judge" / "eval_results.json").write_text(json.dumps(
+        {"checkpoint": "outputs/sft_tiny", "reward_model": "outputs/reward_tiny",
+         "metrics": {"reward_accuracy": {"accuracy": 0.11, "n": 10}}}))
+    write_manifest(outputs / "eval_old_judge", build_manifest("eval", {
+        "model": "outputs/sft_tiny", "model_fingerprint": sft_fingerprint, "reward_model": "outputs/reward_tiny",
+        "reward_model_fingerprint": "1" * 16}, {}, {}))
+    report.main([str(outputs), "--output_dir", str(tmp_path / "r2")])
+    rebuilt = (tmp_path / "r2" / "report.md").read_text()
+    rows = {row[0]: row for row in _table_rows(rebuilt, "Metrics across stages")}
+    assert rows["reward_tiny"][column["pairwise acc"]] == "0.850"  # its current build's, from eval_sft_tiny
+    assert "As the judging reward model in `" in rebuilt and "eval_old_judge/eval_results.json`: pairwise" not in rebuilt
+    assert f"eval_old_judge/eval_results.json` evaluated fingerprint `{'1' * 16}`, an earlier build of `reward_tiny`" in rebuilt
     assert (f"eval_old/eval_results.json` evaluated fingerprint `{'0' * 16}`, an "
             f"earlier build of `sft_tiny` (now `{sft_fingerprint}`)") in markdown
 

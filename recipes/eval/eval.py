@@ -148,6 +148,7 @@ def main(args: EvalArguments) -> dict:
                                set(wanted) & {*CHAT_METRICS, "pass_at_k"})
         model.to(device)
     judge = judge_tokenizer = None
+    judge_manifest = {}
     if {"reward_accuracy", "win_rate"} & set(wanted):
         judge, judge_tokenizer, judge_manifest = load_pretrained(
             args.reward_model_name_or_path, AutoModelForSequenceClassification, args.trust_remote_code, num_labels=1,
@@ -227,7 +228,8 @@ def main(args: EvalArguments) -> dict:
     staging.mkdir(parents=True, exist_ok=True)
     (staging / "eval_results.json").write_text(json.dumps(out, indent=2, default=float) + "\n")
     inputs = {"model": evaluated, "model_fingerprint": checkpoint.get("fingerprint"),
-              "reward_model": args.reward_model_name_or_path, "compare_model": out["compare_checkpoint"], "data": data}
+              "reward_model": args.reward_model_name_or_path, "reward_model_fingerprint": judge_manifest.get("fingerprint"),
+              "compare_model": out["compare_checkpoint"], "data": data}
     summary = {f"{m}_{k}": v for m, r in results.items() for k, v in flat_headline(m, r).items()}
     write_manifest(staging, build_manifest("eval", inputs, asdict(args), {**summary, "wall_time_s": wall["total"]}))
     publish(staging, args.output_dir)  # eval_results.json first, manifest.json last; each os.replace is atomic

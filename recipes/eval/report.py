@@ -242,11 +242,16 @@ def attach_evals(stages: dict[str, Stage], evals: list, root: Path) -> None:
         recorded = result.get("reward_model") or inputs.get("reward_model")
         judge = (resolve.path(recorded) or str(recorded)) if recorded else None
         target = resolve.path(result["checkpoint"])
+        judged_by = inputs.get("reward_model_fingerprint")
+        judge_rebuilt = (judge in stages and judge != target and judged_by is not None
+                         and judged_by != stages[judge].manifest.get("fingerprint"))
+        if judge_rebuilt:  # the pairwise accuracy measured another build of the judge
+            stages[judge].stale_evals.append((path, judged_by))
         evaluated = inputs.get("model_fingerprint")
         if target in stages and evaluated and evaluated != stages[target].manifest.get("fingerprint"):
             stages[target].stale_evals.append((path, evaluated))  # rebuilt since: its figures describe another model
             continue
-        if judge in stages and judge != target and _dig(result, "metrics", "reward_accuracy"):
+        if judge in stages and judge != target and not judge_rebuilt and _dig(result, "metrics", "reward_accuracy"):
             stages[judge].judged.append((path, result["metrics"]["reward_accuracy"]))
         if target is None:
             target = str(result["checkpoint"])
