@@ -3,7 +3,7 @@
     python -m data_prep.build_corpus --output_dir outputs/corpus                    # embedded default
     python -m data_prep.build_corpus --source local --input_paths my_texts/ --text_field text --output_dir outputs/corpus
     python -m data_prep.build_corpus --source hub --hub_dataset HuggingFaceFW/fineweb-edu \
-        --hub_config sample-10BT --max_docs 2000000 --output_dir outputs/fineweb_edu_corpus
+        --hub_config sample-10BT --max_docs 2000000 --output_dir outputs/fineweb_edu/corpus
 
 Output: a `datasets.DatasetDict` (train/validation, columns `text`, `id`, `source`)
 saved with `save_to_disk`, plus `manifest.json` with document counts, bytes and a

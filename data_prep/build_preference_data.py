@@ -4,7 +4,7 @@
     python -m data_prep.build_preference_data --sft_data_dir outputs/sft_data --margin rank \
         --output_dir outputs/preference_data_margin
     python -m data_prep.build_preference_data --source hub --dataset_name trl-lib/ultrafeedback_binarized \
-        --format preference --output_dir outputs/ultrafeedback_preference_data
+        --format preference --output_dir outputs/preference_data_ultrafeedback
     python -m data_prep.build_preference_data --source hub --dataset_name Anthropic/hh-rlhf --format hh_rlhf \
         --output_dir outputs/hh_rlhf_preference_data
 

@@ -4,7 +4,7 @@
     python -m data_prep.build_sft_data --source local --input_path chats.jsonl --format messages \
         --output_dir outputs/my_sft_data
     python -m data_prep.build_sft_data --source hub --dataset_name HuggingFaceH4/ultrachat_200k \
-        --train_split train_sft --test_split test_sft --max_rows 200000 --output_dir outputs/ultrachat_sft_data
+        --train_split train_sft --test_split test_sft --max_rows 200000 --output_dir outputs/sft_data_ultrachat
     python -m data_prep.build_sft_data --source hub --dataset_name tatsu-lab/alpaca --format alpaca \
         --test_split none --output_dir outputs/alpaca_sft_data
 

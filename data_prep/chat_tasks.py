@@ -5,8 +5,8 @@ Llama with a 512-token byte-level BPE trained on the standard library, context 2
 one short line and answers 1-23 tokens (docstring sentences up to 46), with no multi-digit
 arithmetic.
 
-    arithmetic  "What is 7 + 5?" -> "12"           (+/- on 0-20 with results >= 0, * on 0-9)
-    sort        "Sort these numbers: 8 3 5 1" -> "1 3 5 8", or 3-5 words alphabetically
+    arithmetic  "What is 7 + 5?" -> "12"           (single-digit + and -, results >= 0)
+    sort        "Sort these numbers: 8 3 5 1" -> "1 3 5 8", or 3-4 words alphabetically
     string      reverse 2-4 words, write 1-3 words in upper case, count 2-6 words
     units       "Convert 4 km to m." -> "4000 m"   (km, kg, L, m, cm, hours, minutes; 1-9)
     docstring   "What does `json.dumps` do?" -> the first sentence of its docstring

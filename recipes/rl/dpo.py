@@ -10,7 +10,8 @@
 No reward model and no sampling during training: the loss -log sigmoid(beta * (log pi/pi_ref(chosen)
 - log pi/pi_ref(rejected))) raises the chosen reply's likelihood ratio to the frozen SFT model over
 the rejected one's. `beta` is the strength of the implicit KL constraint (small beta: the policy
-may move far from the reference). Input: the SFT output and (prompt, chosen, rejected) pairs from
+may move far from the reference). The tiny preset adds an SFT (negative log-likelihood) term on the
+chosen reply, weighted 1.0 against DPO's 0.5 (`loss_type: [sigmoid, sft]`). Input: the SFT output and (prompt, chosen, rejected) pairs from
 data_prep.build_preference_data (the same pairs the reward model learnt from). The held-out
 evaluation is the online recipes' (recipes/rl/common.py): greedy replies to the SFT test prompts,
 scored by the reward model and by exact match, and the KL per sequence to the SFT model. Output:
