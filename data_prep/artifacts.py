@@ -113,6 +113,11 @@ def parse_config(dataclass_types: list[type], args: list[str] | None = None) -> 
             except _WrongType as wrong:
                 raise UserError(f"{config_path}:{key_lines.get(key, 0)}: key {key}: expected {wrong}, "
                                 f"got {_short_repr(value)}") from None
+            choices = field.metadata.get("choices")  # argparse checks them on the command line only
+            given = config[key] if isinstance(config[key], list) else [config[key]]  # a list field: each item
+            if choices and any(item is not None and item not in choices for item in given):
+                raise UserError(f"{config_path}:{key_lines.get(key, 0)}: key {key}: expected one of "
+                                f"{', '.join(map(str, choices))}, got {_short_repr(value)}")
         os.environ.update({str(name): str(value) for name, value in env.items()})
     parser = _Parser(dataclass_types)
     # TrlParser's parse_args_and_config would read the YAML again, without the checks above.

@@ -49,6 +49,18 @@ def test_training_numbers_no_run_can_use_stop_while_parsing(recipe, flags, messa
     (eval_recipe, "recipes/eval/tiny.yaml", ("--stride", "0"), "stride must be >= 1, got 0"),
     (eval_recipe, "recipes/eval/tiny.yaml", ("--win_rate_max_samples", "-2"), "win_rate_max_samples must be >= 1, "
                                                                                 "got -2"),
+    (eval_recipe, "recipes/eval/tiny.yaml", ("--bleu_tokenize", "zh-cn"),  # sacrebleu's KeyError after generating
+     "bleu_tokenize: unknown sacrebleu tokenizer 'zh-cn' (use one of none, zh, 13a, intl, char, ja-mecab, ko-mecab, "
+     "spm, flores101, flores200, spBLEU-1K)"),
+    # GRPO/RLOO sampling: top_p 0 samples greedily (a group of equal replies, every advantage 0), top_p 1.5 is
+    # ignored, a negative top_k or repetition_penalty 0 fails at the first rollout
+    *[(module, f"recipes/rl/{name}_tiny.yaml", flags, message) for name, module in (("grpo", grpo), ("rloo", rloo))
+      for flags, message in ((("--top_p", "0"), "top_p must be > 0, got 0.0"),
+                             (("--top_p", "1.5"), "top_p must be <= 1, got 1.5"),
+                             (("--top_k", "-3"), "top_k must be >= 0, got -3"),
+                             (("--repetition_penalty", "0"), "repetition_penalty must be > 0, got 0.0"),
+                             (("--min_p", "2"), "min_p must be <= 1, got 2.0"),
+                             (("--epsilon", "-1"), "epsilon must be >= 0, got -1.0"))],
 ])
 def test_script_numbers_no_run_can_use_stop_while_parsing(module, config, flags, message):
     with pytest.raises(UserError) as err:
@@ -311,6 +323,58 @@ def test_a_bad_flag_is_reported_against_the_command_line_not_the_yaml(flags, mes
     with pytest.raises(UserError) as err:
         sft.parse_args(["--config", str(REPO_ROOT / "recipes/sft/tiny.yaml"), *flags])
     assert str(err.value) == message
+
+
+def test_a_yaml_value_outside_a_fields_choices_names_file_line_and_key(tmp_path):
+    """argparse checks `choices` on the command line only: `zeros` from a YAML kept the reward model's value
+    head in PPO's critic without a word, while the manifest recorded `zeros`."""
+    config = tmp_path / "ppo.yaml"
+    config.write_text((REPO_ROOT / "recipes/rl/ppo_tiny.yaml").read_text() + "value_head_init: zeros\n")
+    line = len(config.read_text().splitlines())
+    with pytest.raises(UserError) as err:
+        ppo.parse_args(["--config", str(config)])
+    assert str(err.value) == f"{config}:{line}: key value_head_init: expected one of reward_model, zero, got 'zeros'"
+    config.write_text((REPO_ROOT / "recipes/sft/tiny.yaml").read_text().replace(
+        "train_sampling_strategy: group_by_length", "train_sampling_strategy: by_length"))
+    with pytest.raises(UserError, match=r":\d+: key train_sampling_strategy: expected one of random, sequential, "):
+        sft.parse_args(["--config", str(config)])
+
+
+def test_rl_prompt_splits_and_rows_that_cannot_work_are_one_line(tiny_chat_data):
+    from datasets import Dataset
+
+    from recipes.rl.prompts import load_prompts, to_prompt_dataset
+
+    data = str(tiny_chat_data["sft"])
+    with pytest.raises(UserError, match="^dataset_test_split: test is also the training split, so the held-out "):
+        load_prompts(data, "test", "test")  # the policy would be scored on the prompts it trained on
+    with pytest.raises(UserError, match="^dataset_train_split: name the split of training prompts"):
+        load_prompts(data, "none", "test")  # an AttributeError after every model had loaded
+    for messages in ("hello", ["hi", "there"]):  # an AttributeError traceback
+        with pytest.raises(UserError, match="^prompts: row 0: field 'messages' must be a list of messages"):
+            to_prompt_dataset(Dataset.from_list([{"messages": messages}]), "prompts")
+
+
+def test_ppo_from_a_model_without_a_chat_template_is_one_line(tiny_sft, tiny_reward, tiny_chat_data, tmp_path):
+    """The rollouts render every prompt with the chat template: a ValueError once all four models had loaded."""
+    untemplated = _without_chat_template(tiny_sft, tmp_path / "no_template")
+    with pytest.raises(UserError) as err:
+        ppo.main(*ppo.parse_args(["--config", str(REPO_ROOT / "recipes/rl/ppo_tiny.yaml"), "--model_name_or_path",
+                                  str(untemplated), "--reward_model_path", str(tiny_reward), "--dataset_path",
+                                  str(tiny_chat_data["sft"]), "--output_dir", str(tmp_path / "ppo")]))
+    assert str(err.value) == f"{untemplated}: the tokenizer has no chat template (RL starts from a chat model)"
+    assert not (tmp_path / "ppo").exists()
+
+
+def test_perplexity_of_a_field_that_is_not_text_is_one_line(tiny_pretrained, tiny_chat_data, tmp_path):
+    with pytest.raises(UserError) as err:  # the tokenizer's ValueError came after the model had loaded
+        eval_recipe.main(*eval_recipe.parse_args([
+            "--config", str(REPO_ROOT / "recipes/eval/tiny.yaml"), "--model_name_or_path", str(tiny_pretrained),
+            "--metrics", "perplexity", "--text_dataset_path", str(tiny_chat_data["sft"]), "--text_split", "test",
+            "--text_field", "messages", "--output_dir", str(tmp_path / "eval")]))
+    assert str(err.value) == (f"{tiny_chat_data['sft']}[test]: row 0: field 'messages' is not a string; perplexity "
+                              "reads text")
+    assert not (tmp_path / "eval").exists()
 
 
 def test_eval_of_chat_metrics_without_a_chat_template_is_one_line(tiny_sft, tiny_reward, tiny_chat_data, tmp_path):

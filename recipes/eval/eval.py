@@ -87,6 +87,11 @@ class EvalArguments:
     def __post_init__(self):
         check_settings(self, at_least_1=("max_length", "stride", "max_new_tokens", "win_rate_max_samples",
                                          "pass_at_k_samples", "lm_eval_limit"))
+        from sacrebleu.metrics import BLEU
+
+        if self.bleu_tokenize not in BLEU.TOKENIZERS:  # sacrebleu's KeyError would come after the generation pass
+            raise UserError(f"bleu_tokenize: unknown sacrebleu tokenizer '{self.bleu_tokenize}' (use one of "
+                            f"{', '.join(BLEU.TOKENIZERS)})")
 
 
 def main(args: EvalArguments) -> dict:
@@ -129,6 +134,10 @@ def main(args: EvalArguments) -> dict:
         data["text"], splits["text"] = load_split(args.text_dataset_path, args.text_split, args.max_texts)
         if args.text_field not in splits["text"].column_names:
             raise UserError(f"{args.text_dataset_path}[{args.text_split}]: no field '{args.text_field}'")
+        for index, text in enumerate(splits["text"][args.text_field]):  # the tokenizer would fail after the load
+            if not isinstance(text, str):
+                raise UserError(f"{args.text_dataset_path}[{args.text_split}]: row {index}: field '{args.text_field}' "
+                                f"is {'empty (null)' if text is None else 'not a string'}; perplexity reads text")
     if {*CHAT_METRICS, "pass_at_k"} & set(wanted):
         data["chat"], splits["chat"] = load_split(args.chat_dataset_path, args.chat_split, args.max_samples,
                                                   validate_messages)

@@ -76,8 +76,11 @@ class OnlineRLChecks:
 
     def __post_init__(self):
         check_training_numbers(self)
-        check_settings(self, at_least_1=("max_completion_length", "num_iterations"), positive=("temperature",),
-                       non_negative=("beta",))
+        # top_p 0 would sample greedily (every reply of a group alike, every advantage 0), a top_p above 1 is
+        # ignored, and a negative top_k or a repetition_penalty of 0 fails at the first rollout
+        check_settings(self, at_least_1=("max_completion_length", "num_iterations"),
+                       positive=("temperature", "top_p", "repetition_penalty"),
+                       non_negative=("beta", "top_k", "min_p", "epsilon", "epsilon_high"), at_most_1=("top_p", "min_p"))
         if self.num_generations is not None and self.num_generations < 2:
             raise UserError(f"num_generations must be >= 2 (each reply's advantage is measured against the other "
                             f"replies to its prompt), got {self.num_generations}")
@@ -107,7 +110,6 @@ def require_conversational(prompts, what: str, skip: str = "dataset_test_split: 
 def load_policy(model_args, trust_remote_code: bool = False):
     """(model, tokenizer, parent manifest) of ModelConfig's model; generation stops at every end-of-turn and
     end-of-text token."""
-    import torch
     from transformers import AutoModelForCausalLM
 
     from recipes.eval.generation import stop_token_ids

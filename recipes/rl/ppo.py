@@ -89,6 +89,8 @@ def main(script_args, training_args, model_args, peft_args, callbacks=None) -> d
     trust, load_kwargs = training_args.trust_remote_code, model_load_kwargs(model_args)
     policy, tokenizer, parent = load_pretrained(policy_path, AutoModelForCausalLM, trust_remote_code=trust,
                                                 **load_kwargs)
+    if not tokenizer.chat_template:  # the rollouts render every prompt with it, after all four models load
+        raise UserError(f"{policy_path}: the tokenizer has no chat template (RL starts from a chat model)")
     train_prompts, truncated = truncate_prompts(train_prompts, tokenizer, script_args.max_prompt_tokens)
     value_path = script_args.value_model_path or script_args.reward_model_path
     value_model, value_tokenizer, _ = load_pretrained(value_path, AutoModelForSequenceClassification,

@@ -22,7 +22,10 @@ def prompt_row(row: dict) -> dict:
     if "prompt" in row and row["prompt"] is not None:
         prompt, answer = row["prompt"], row.get("answer")
     elif "messages" in row:
-        messages = list(row["messages"] or [])
+        messages = row["messages"] or []
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            raise ValueError("field 'messages' must be a list of messages with role and content")
+        messages = list(messages)
         answer = row.get("answer")
         if messages and messages[-1].get("role") == "assistant":
             answer = answer if answer is not None else messages[-1]["content"]
@@ -63,6 +66,12 @@ def load_prompts(dataset_path: str | None, train_split: str, test_split: str | N
     prompts of those task families (before `max_train`); the test prompts keep every family."""
     if bool(dataset_path) == bool(dataset_name):
         raise UserError("set exactly one of dataset_path (a data_prep output) and dataset_name (a Hub prompt set)")
+    if not train_split or train_split.lower() == "none":
+        raise UserError(f"dataset_train_split: name the split of training prompts (got {train_split!r}); only the "
+                        "test split can be none")
+    if test_split == train_split:  # the before/after figures would be published as held-out
+        raise UserError(f"dataset_test_split: {test_split} is also the training split, so the held-out evaluation "
+                        "would score prompts the policy trained on; name another split, or none")
     splits = [s for s in (train_split, test_split) if s and s.lower() != "none"]
     if dataset_path:
         from data_prep.artifacts import load_saved_dataset, read_manifest
