@@ -297,6 +297,10 @@ def read_manifest(directory: str | Path, what: str = "stage output", stage: str 
         raise UserError(f"{path}{where}: not a valid manifest (not JSON); rerun the stage that wrote it") from None
     if not isinstance(manifest, dict):
         raise UserError(f"{path}: not a valid manifest (not a JSON object); rerun the stage that wrote it")
+    for key, kind in (("stage", str), ("fingerprint", str), ("inputs", dict), ("options", dict), ("outputs", dict)):
+        if not isinstance(manifest.get(key), kind):  # every stage reads these; a KeyError could end a whole run
+            problem = f"no '{key}'" if key not in manifest else f"'{key}' is not a {'string' if kind is str else 'mapping'}"
+            raise UserError(f"{path}: not a valid manifest ({problem}); rerun the stage that wrote it")
     expected = (stage,) if isinstance(stage, str) else tuple(stage)
     if expected and manifest.get("stage") not in expected:
         raise UserError(f"{directory} is the output of stage '{manifest.get('stage')}', "

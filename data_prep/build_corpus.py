@@ -83,6 +83,8 @@ def build_corpus(args: CorpusArguments) -> dict:
     for key in ("max_docs", "max_stdlib_files"):  # 0 would read everything, -1 all but the last file
         if getattr(args, key) is not None and getattr(args, key) < 1:
             raise UserError(f"{key} must be >= 1 (or unset, for everything), got {getattr(args, key)}")
+    if args.min_chars < 1:  # 0 or less would keep empty documents
+        raise UserError(f"min_chars must be >= 1, got {args.min_chars}")
     if args.seed < 0:
         raise UserError(f"seed must be >= 0, got {args.seed}")
     refuse_unread_options(args, "source", {"input_paths": ("local",), "hub_dataset": ("hub",), "hub_config": ("hub",),

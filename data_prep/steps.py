@@ -135,7 +135,10 @@ class LocalFileReader(PipelineStep):
         for raw in self.paths:
             path = Path(raw)
             if path.is_dir():
-                found += sorted(p for p in path.rglob("*") if p.suffix.lower() in LOCAL_SUFFIXES and p.is_file())
+                inside = sorted(p for p in path.rglob("*") if p.suffix.lower() in LOCAL_SUFFIXES and p.is_file())
+                if not inside:  # a folder of .csv or .html files would add nothing without a word
+                    raise UserError(f"{path}: no {', '.join(LOCAL_SUFFIXES)} file in this folder")
+                found += inside
             elif path.is_file():
                 if path.suffix.lower() not in LOCAL_SUFFIXES:
                     raise UserError(f"{path}: unsupported file type (use one of {', '.join(LOCAL_SUFFIXES)})")
@@ -211,15 +214,31 @@ def json_records(path: Path, text: str):
         raise UserError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
     if not isinstance(rows, list):
         raise UserError(f"{path}: a .json input must hold a list of objects")
+    escaped = "\\u" in text  # only an escape can spell a lone surrogate
     for index, row in enumerate(rows):
+        if escaped:
+            _refuse_lone_surrogates(row, f"{path}: item {index}")
         yield index, row, "item"
+
+
+def _refuse_lone_surrogates(value, where: str) -> None:
+    """JSON may escape half of a UTF-16 pair ("\\ud800"), which json.loads keeps and no UTF-8 writer takes:
+    dedup's hash or Arrow would fail on it with a traceback."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise UserError(f"{where}: text holds a lone UTF-16 surrogate ({err.object[err.start]!r} escaped in the "
+                        "JSON), which is not a character; fix or drop the row") from None
 
 
 def json_line(path: Path, lineno: int, line: str):
     try:
-        return json.loads(line)
+        row = json.loads(line)
     except json.JSONDecodeError as err:
         raise UserError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+    if "\\u" in line:  # only an escape can spell a lone surrogate
+        _refuse_lone_surrogates(row, f"{path}:{lineno}")
+    return row
 
 
 class HubReader(PipelineStep):

@@ -170,12 +170,27 @@ def claim_run_dir(output_dir: str | Path, stage: str, inputs: dict) -> None:
     one that overlaps an input, another stage's output, or a folder of other files. Accepted without a
     manifest: what an unfinished run of a recipe leaves (checkpoints, logs, the final files of the run it
     was replacing, listed by `mark_incomplete`)."""
-    previous = Path(output_dir) / PREVIOUS_FINAL_NAME
-    try:
-        replaced = set(json.loads(previous.read_text())) if previous.is_file() else set()
-    except (UnicodeDecodeError, json.JSONDecodeError, TypeError):
-        replaced = set()
+    replaced = previous_final_names(output_dir)
     claim_output_dir(output_dir, stage, inputs, ours=lambda name: _kept_across_runs(name) or name in replaced)
+
+
+def previous_final_names(output_dir: str | Path) -> set[str]:
+    """The final files of the run being replaced, as `mark_incomplete` listed them; a damaged list stops here,
+    before any work, not in `publish` after the whole run. Only plain names in output_dir count: an entry such
+    as "" or "../x" would make `publish` delete output_dir itself or something outside it."""
+    previous = Path(output_dir) / PREVIOUS_FINAL_NAME
+    if not previous.is_file():
+        return set()
+    try:
+        names = json.loads(previous.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        names = None
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise UserError(f"{previous}: damaged (not a JSON list of names); it lists the files of the finished run "
+                        "this one replaces, for the new run to remove: delete the stale files and this list, or "
+                        "choose another output_dir")
+    return {name for name in names if name and name not in (".", "..") and "/" not in name and "\\" not in name
+            and not _kept_across_runs(name)}
 
 
 def mark_incomplete(output_dir: str | Path) -> None:
@@ -202,7 +217,7 @@ def publish(staging_dir: str | Path, output_dir: str | Path, trainer=None) -> No
     entries = sorted(staging_dir.iterdir(), key=lambda p: p.name == MANIFEST_NAME)
     previous = output_dir / PREVIOUS_FINAL_NAME
     if previous.is_file():  # the replaced run's final files that this run does not write again
-        for name in set(json.loads(previous.read_text())) - {entry.name for entry in entries}:
+        for name in previous_final_names(output_dir) - {entry.name for entry in entries}:
             stale = output_dir / name
             if stale.is_dir() and not stale.is_symlink():
                 shutil.rmtree(stale)
@@ -278,6 +293,9 @@ def no_zero3_init():
 
 def load_splits(path: str, train_split: str, test_split: str, validate) -> tuple[dict, object, object]:
     """(manifest, train, test) of a finished data_prep output, every row checked by `validate(rows, name)`."""
+    if train_split == test_split:  # the held-out figures (exact match, pairwise accuracy) would be training ones
+        raise UserError(f"dataset_test_split: {test_split} is also the training split, so the held-out evaluation "
+                        "would score rows the model trained on; name another split")
     manifest = read_manifest(path, "dataset")
     dataset = load_saved_dataset(path)
     for split in (train_split, test_split):
@@ -315,6 +333,10 @@ def check_training_numbers(args, epochs_matter: bool = True) -> None:
     run's length is set otherwise (PPO's total_episodes)."""
     check_settings(args, at_least_1=("per_device_train_batch_size", "per_device_eval_batch_size",
                                      "gradient_accumulation_steps"), non_negative=("learning_rate",))
+    for key in ("seed", "data_seed"):  # set_seed's ValueError came after the data and the model had loaded
+        value = getattr(args, key, None)
+        if value is not None and not 0 <= value < 2**32:
+            raise UserError(f"{key} must be in [0, 2**32 - 1], got {value}")
     if args.max_steps == 0 or args.max_steps < -1:
         raise UserError(f"max_steps must be >= 1, or -1 to train num_train_epochs epochs; got {args.max_steps}")
     if epochs_matter and args.max_steps == -1 and not args.num_train_epochs > 0:

@@ -9,6 +9,7 @@ loading on a machine without CUDA.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from data_prep.artifacts import UserError
@@ -26,6 +27,45 @@ class PeftMethodArguments:
     def __post_init__(self):
         if self.peft_method not in PEFT_METHODS:
             raise ValueError(f"peft_method must be one of {', '.join(PEFT_METHODS)}, got '{self.peft_method}'")
+
+
+NON_LINEARITIES = ("relu", "gelu", "silu")  # recipes.bottleneck_adapter's activations
+
+
+LORA_DROPOUT_DEFAULT = 0.05  # TRL ModelConfig's
+
+
+def check_peft_settings(stage: str, model_args, method_args: PeftMethodArguments, training_args=None) -> None:
+    """PEFT settings no run can use, refused while parsing: PEFT raised them only after the model had loaded
+    (`lora_r` 0, a dropout of 1.5, a bottleneck of 0), or took them without a word (`lora_alpha` 0 scales
+    every LoRA update to zero). The reward recipe trains a sequence classifier: its adapter is SEQ_CLS, which
+    also trains the score head; TRL's default CAUSAL_LM crashed inside the trainer, so it is read as unset.
+    TRL's reward and DPO trainers zero every dropout (`disable_dropout`), the adapter's included: a
+    `lora_dropout` set above 0 there would be recorded but never applied, so it is refused."""
+    if not model_args.use_peft:
+        return
+    from recipes.common import check_settings
+
+    check_settings(model_args, at_least_1=("lora_r",), positive=("lora_alpha",), non_negative=("lora_dropout",))
+    check_settings(method_args, at_least_1=("bottleneck_size", "num_virtual_tokens"))
+    if not model_args.lora_dropout < 1:
+        raise UserError(f"lora_dropout must be < 1, got {model_args.lora_dropout}")
+    if method_args.bottleneck_non_linearity not in NON_LINEARITIES:
+        raise UserError(f"bottleneck_non_linearity must be one of {', '.join(NON_LINEARITIES)}, got "
+                        f"'{method_args.bottleneck_non_linearity}'")
+    if getattr(training_args, "disable_dropout", False) and model_args.lora_dropout > 0:
+        if model_args.lora_dropout != LORA_DROPOUT_DEFAULT:
+            raise UserError(f"lora_dropout {model_args.lora_dropout}: disable_dropout is true, so the {stage} trainer "
+                            "sets every dropout to 0, the adapter's included; set lora_dropout: 0 or "
+                            "disable_dropout: false")
+        model_args.lora_dropout = 0.0  # ModelConfig's default, left unset: record what the trainer applies
+    wanted = "SEQ_CLS" if stage == "reward" else "CAUSAL_LM"
+    if stage == "reward" and model_args.lora_task_type == "CAUSAL_LM":
+        model_args.lora_task_type = wanted  # ModelConfig's default, which no reward model can train with
+    if model_args.lora_task_type != wanted:
+        kind = "sequence classifier" if wanted == "SEQ_CLS" else "causal language model"
+        raise UserError(f"lora_task_type: the {stage} recipe trains a {kind}, so its adapter's task type is {wanted}; "
+                        f"got '{model_args.lora_task_type}'")
 
 
 def quantization_config(model_args):
@@ -98,17 +138,31 @@ def refuse_broken_combination(stage: str, model_args, method_args: PeftMethodArg
 
 
 def check_target_modules(model, targets, method: str) -> None:
-    """Every named target must be the last part of some module name of `model`."""
-    if not targets or isinstance(targets, str):  # a regex or "all-linear": PEFT itself resolves it
-        return
-    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    missing = sorted(set(targets) - names)
-    if missing:
-        import torch
+    """Every named target must be the last part of some module name of `model`; for LoRA and IA3, of a layer
+    they can adapt (PEFT's error for a block such as `self_attn` prints the whole module tree)."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
 
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    if isinstance(targets, str):  # TRL's ModelConfig turns a one-item list into a string
+        if targets == "all-linear" or not re.fullmatch(r"[\w.]+", targets):
+            return  # "all-linear" or a regex: PEFT itself resolves it
+        targets = [targets]
+    if not targets:
+        return
+    modules = [(name.rsplit(".", 1)[-1], module) for name, module in model.named_modules()]
+    linear = sorted({name for name, module in modules if isinstance(module, (torch.nn.Linear, Conv1D))})
+    missing = sorted(set(targets) - {name for name, _ in modules})
+    if missing:
         raise UserError(f"lora_target_modules: {', '.join(missing)} not found in {type(model).__name__} "
                         f"({method}); its linear layers are {', '.join(linear)}")
+    if method in ("lora", "ia3"):
+        layers = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, Conv1D)
+        adaptable = {name for name, module in modules if isinstance(module, layers)}
+        blocks = sorted(set(targets) - adaptable)
+        if blocks:
+            raise UserError(f"lora_target_modules: {', '.join(blocks)} in {type(model).__name__} are not layers "
+                            f"{method} can adapt (linear, embedding or convolution); its linear layers are "
+                            f"{', '.join(linear)}")
 
 
 def trainable_parameters(model) -> tuple[int, int]:

@@ -507,6 +507,25 @@ def test_a_corpus_option_the_chosen_source_never_reads_is_refused(tmp_path, over
     assert not (tmp_path / "c").exists()
 
 
+def test_a_lone_surrogate_a_folder_without_inputs_and_min_chars_below_one_are_one_line(tmp_path):
+    """json.loads keeps an escaped half of a UTF-16 pair, which dedup's UTF-8 hash failed on with a traceback;
+    a folder of unsupported files added nothing without a word; min_chars 0 kept empty documents."""
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"text": "a document long enough to be kept"}\n{"text": "half a pair \\ud800 in the text"}\n')
+    with pytest.raises(UserError) as err:
+        build_corpus(local_args(tmp_path, [rows]))
+    assert str(err.value) == (f"{rows}:2: text holds a lone UTF-16 surrogate ('\\ud800' escaped in the JSON), which "
+                              "is not a character; fix or drop the row")
+    (tmp_path / "tables").mkdir()
+    (tmp_path / "tables" / "data.csv").write_text("a,b\n")
+    with pytest.raises(UserError, match=f"^{tmp_path / 'tables'}: no .txt, .md, .jsonl, .json, .parquet file in this "
+                                        "folder$"):
+        build_corpus(local_args(tmp_path, [tmp_path / "tables"]))
+    with pytest.raises(UserError, match="^min_chars must be >= 1, got 0$"):
+        build_corpus(local_args(tmp_path, [rows], min_chars=0))
+    assert not (tmp_path / "corpus").exists()
+
+
 def test_local_suffixes_are_matched_in_any_case(tmp_path):
     data = tmp_path / "data"
     data.mkdir()

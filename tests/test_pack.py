@@ -134,6 +134,20 @@ def test_corrupt_manifest_is_one_line_naming_file_and_line(tiny_data, tmp_path):
                                    output_dir=str(tmp_path / "packed"), block_size=16))
     assert str(err.value).startswith(f"{tokenizer / 'manifest.json'}:3: not a valid manifest")
     assert not (tmp_path / "packed").exists()
+    # JSON, but without what every stage reads: a KeyError after the packing (or, in pretraining, after training)
+    manifest = json.loads((tiny_data["tokenizer"] / "manifest.json").read_text())
+    for change, problem in ((lambda m: m.pop("fingerprint"), "no 'fingerprint'"),
+                            (lambda m: m.update(inputs=[1]), "'inputs' is not a mapping"),
+                            (lambda m: m.update(stage=None), "'stage' is not a string")):
+        damaged = dict(manifest)
+        change(damaged)
+        (tokenizer / "manifest.json").write_text(json.dumps(damaged))
+        with pytest.raises(UserError) as err:
+            pack_dataset(PackArguments(corpus_dir=str(tiny_data["corpus"]), tokenizer_dir=str(tokenizer),
+                                       output_dir=str(tmp_path / "packed"), block_size=16))
+        assert str(err.value) == (f"{tokenizer / 'manifest.json'}: not a valid manifest ({problem}); rerun the stage "
+                                  "that wrote it")
+    assert not (tmp_path / "packed").exists()
 
 
 def test_pack_batch_size_below_one_is_rejected(tiny_data, tmp_path):

@@ -52,6 +52,23 @@ def test_training_numbers_no_run_can_use_stop_while_parsing(recipe, flags, messa
     (eval_recipe, "recipes/eval/tiny.yaml", ("--bleu_tokenize", "zh-cn"),  # sacrebleu's KeyError after generating
      "bleu_tokenize: unknown sacrebleu tokenizer 'zh-cn' (use one of none, zh, 13a, intl, char, ja-mecab, ko-mecab, "
      "spm, flores101, flores200, spBLEU-1K)"),
+    # PEFT numbers PEFT raised only after the model loaded, or took without a word (lora_alpha 0 zeroes LoRA)
+    (sft, "recipes/sft/tiny_lora.yaml", ("--lora_r", "0"), "lora_r must be >= 1, got 0"),
+    (sft, "recipes/sft/tiny_lora.yaml", ("--lora_alpha", "0"), "lora_alpha must be > 0, got 0"),
+    (sft, "recipes/sft/tiny_lora.yaml", ("--lora_dropout", "1.5"), "lora_dropout must be < 1, got 1.5"),
+    (sft, "recipes/sft/tiny_bottleneck.yaml", ("--bottleneck_size", "0"), "bottleneck_size must be >= 1, got 0"),
+    (sft, "recipes/sft/tiny_bottleneck.yaml", ("--bottleneck_non_linearity", "tanh"),
+     "bottleneck_non_linearity must be one of relu, gelu, silu, got 'tanh'"),
+    (sft, "recipes/sft/tiny_lora.yaml", ("--lora_task_type", "SEQ_CLS"),
+     "lora_task_type: the sft recipe trains a causal language model, so its adapter's task type is CAUSAL_LM; got "
+     "'SEQ_CLS'"),
+    (reward, "recipes/reward/tiny_lora.yaml", ("--lora_dropout", "0.1"),  # TRL zeroes it: recorded, never applied
+     "lora_dropout 0.1: disable_dropout is true, so the reward trainer sets every dropout to 0, the adapter's "
+     "included; set lora_dropout: 0 or disable_dropout: false"),
+    (sft, "recipes/sft/tiny.yaml", ("--merge_adapter", "true"),  # refused after the model had loaded
+     "merge_adapter: only LoRA adapters can be merged into the base weights"),
+    *[(module, config, ("--seed", "-1"), "seed must be in [0, 2**32 - 1], got -1")  # set_seed, after the loads
+      for module, config in TRAINING.values()],
     # GRPO/RLOO sampling: top_p 0 samples greedily (a group of equal replies, every advantage 0), top_p 1.5 is
     # ignored, a negative top_k or repetition_penalty 0 fails at the first rollout
     *[(module, f"recipes/rl/{name}_tiny.yaml", flags, message) for name, module in (("grpo", grpo), ("rloo", rloo))
@@ -338,6 +355,56 @@ def test_a_yaml_value_outside_a_fields_choices_names_file_line_and_key(tmp_path)
         "train_sampling_strategy: group_by_length", "train_sampling_strategy: by_length"))
     with pytest.raises(UserError, match=r":\d+: key train_sampling_strategy: expected one of random, sequential, "):
         sft.parse_args(["--config", str(config)])
+
+
+def test_a_reward_adapter_is_a_sequence_classifier_and_records_the_dropout_it_gets():
+    """`--use_peft true` on the reward recipe took TRL's CAUSAL_LM task type and crashed inside the trainer;
+    ModelConfig's default dropout 0.05 was recorded though the trainer zeroes it."""
+    _, training_args, model_args, _ = reward.parse_args(["--config", str(REPO_ROOT / "recipes/reward/tiny.yaml"),
+                                                         "--use_peft", "true"])
+    assert (model_args.lora_task_type, model_args.lora_dropout, training_args.disable_dropout) == ("SEQ_CLS", 0.0, True)
+    with pytest.raises(UserError, match="^lora_task_type: the reward recipe trains a sequence classifier, so its "
+                                        "adapter's task type is SEQ_CLS; got 'TOKEN_CLS'$"):
+        reward.parse_args(["--config", str(REPO_ROOT / "recipes/reward/tiny.yaml"), "--use_peft", "true",
+                           "--lora_task_type", "TOKEN_CLS"])
+
+
+def test_peft_targets_that_are_not_adaptable_layers_are_one_line():
+    """A one-item list reaches us as a string (TRL's ModelConfig), which skipped the check: PEFT's
+    NoMatchingPeftModuleError; a block such as self_attn made PEFT print the whole module tree."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from recipes.peft_methods import check_target_modules
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    with pytest.raises(UserError, match="^lora_target_modules: q_projx not found in LlamaForCausalLM"):
+        check_target_modules(model, "q_projx", "lora")
+    with pytest.raises(UserError, match="^lora_target_modules: self_attn in LlamaForCausalLM are not layers lora can "
+                                        "adapt .*; its linear layers are down_proj, gate_proj, k_proj"):
+        check_target_modules(model, ["q_proj", "self_attn"], "lora")
+    check_target_modules(model, ["mlp"], "bottleneck")  # bottleneck adapters wrap blocks
+    check_target_modules(model, ".*proj", "lora")  # a regex is PEFT's to resolve
+
+
+def test_a_damaged_list_of_the_replaced_runs_files_stops_before_any_work(tmp_path):
+    """publish read it with json.loads after the whole run; an entry "" would have deleted output_dir."""
+    from recipes.common import PREVIOUS_FINAL_NAME, claim_run_dir, previous_final_names
+
+    out = tmp_path / "run"
+    (out / "checkpoint-2").mkdir(parents=True)
+    (out / PREVIOUS_FINAL_NAME).write_text('["model.safetens')
+    with pytest.raises(UserError, match=f"^{out / PREVIOUS_FINAL_NAME}: damaged \\(not a JSON list of names\\)"):
+        claim_run_dir(str(out), "sft", {})
+    (out / PREVIOUS_FINAL_NAME).write_text(json.dumps(["", ".", "..", "../elsewhere", "adapter_model.safetensors"]))
+    assert previous_final_names(out) == {"adapter_model.safetensors"}
+
+
+def test_a_test_split_that_is_the_training_split_is_refused(tiny_chat_data):
+    from recipes.common import load_splits
+
+    with pytest.raises(UserError, match="^dataset_test_split: train is also the training split"):
+        load_splits(str(tiny_chat_data["sft"]), "train", "train", lambda rows, name: None)
 
 
 def test_rl_prompt_splits_and_rows_that_cannot_work_are_one_line(tiny_chat_data):

@@ -377,7 +377,8 @@ def test_summary_lists_a_damaged_manifest_and_goes_on(tmp_path):
                                       "rerun the stage that wrote it")
     assert rows["a_list"] == ("?", f"{root / 'a_list' / 'manifest.json'}: not a valid manifest (not a JSON object); "
                                    "rerun the stage that wrote it")
-    assert rows["no_stage"] == ("?", "")
+    assert rows["no_stage"] == ("?", f"{root / 'no_stage' / 'manifest.json'}: not a valid manifest (no 'stage'); "
+                                     "rerun the stage that wrote it")
     assert rows["sft_tiny"][0] == "sft"  # the other stages are still listed
     result = subprocess.run([sys.executable, "-m", "recipes.summary", str(tmp_path / "missing")], capture_output=True,
                             text=True)

@@ -32,8 +32,8 @@ from recipes.common import (account_for_dropped_rows, check_max_length, check_sp
                             claim_run_dir, keep_token_count_across_resume, load_pretrained, load_splits,
                             mark_incomplete, model_card, no_zero3_init, optimizer_settings, publish, resolve_resume,
                             save_optimizer_settings, save_trained, training_summary, with_cpu_process_group)
-from recipes.peft_methods import (PeftMethodArguments, build_peft_config, quantization_config, refuse_broken_combination,
-                                  trainable_parameters)
+from recipes.peft_methods import (PeftMethodArguments, build_peft_config, check_peft_settings, quantization_config,
+                                  refuse_broken_combination, trainable_parameters)
 from recipes.reward.shared_prompt import (SharedPromptCollator, check_attention_implementation, merged_length,
                                           pairwise_loss, score_head, shared_prompt_rewards)
 
@@ -246,6 +246,7 @@ def parse_args(argv: list[str] | None = None):
     parsed = parse_config([ScriptArguments, RewardConfig, ModelConfig, PeftMethodArguments],
                           with_cpu_process_group(argv))
     check_training_numbers(parsed[1])
+    check_peft_settings("reward", parsed[2], parsed[3], parsed[1])
     return parsed
 
 

@@ -32,7 +32,7 @@ from recipes.common import (account_for_dropped_rows, check_max_length, check_se
                             keep_token_count_across_resume, load_splits, mark_incomplete, optimizer_settings,
                             resolve_resume, save_optimizer_settings, save_trained, training_summary,
                             with_cpu_process_group)
-from recipes.peft_methods import PeftMethodArguments, build_peft_config, trainable_parameters
+from recipes.peft_methods import PeftMethodArguments, build_peft_config, check_peft_settings, trainable_parameters
 from recipes.rl.common import (ReferenceCurveArguments, evaluate_saved_policy, finish_run, load_policy,
                               load_reference_curves, require_conversational, summary_line)
 
@@ -162,6 +162,7 @@ def _log(trainer, message: str) -> None:
 def parse_args(argv: list[str] | None = None):
     parsed = parse_config([ScriptArguments, DPOConfig, ModelConfig, PeftMethodArguments], with_cpu_process_group(argv))
     check_training_numbers(parsed[1])
+    check_peft_settings("dpo", parsed[2], parsed[3], parsed[1])
     return parsed
 
 

@@ -30,7 +30,7 @@ from data_prep.artifacts import UserError, parse_config, run_cli
 from recipes.common import (claim_run_dir, fused_head_on_labelled_positions_only, mark_incomplete, optimizer_settings,
                             resolve_resume, save_optimizer_settings, save_trained, training_summary,
                             with_cpu_process_group)
-from recipes.peft_methods import PeftMethodArguments, build_peft_config, trainable_parameters
+from recipes.peft_methods import PeftMethodArguments, build_peft_config, check_peft_settings, trainable_parameters
 from recipes.rl.common import (OnlineRLChecks, PromptArguments, evaluate_saved_policy, finish_run, load_policy,
                               load_reference_curves, require_conversational, summary_line)
 
@@ -141,7 +141,9 @@ def _log(trainer, method: str, message: str) -> None:
 
 
 def parse_args(argv: list[str] | None = None):
-    return parse_config([PromptArguments, GRPOConfig, ModelConfig, PeftMethodArguments], with_cpu_process_group(argv))
+    parsed = parse_config([PromptArguments, GRPOConfig, ModelConfig, PeftMethodArguments], with_cpu_process_group(argv))
+    check_peft_settings("grpo", parsed[2], parsed[3], parsed[1])
+    return parsed
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from trl import ModelConfig
 from data_prep.artifacts import UserError, parse_config, run_cli
 from recipes.common import (claim_run_dir, load_pretrained, mark_incomplete, no_zero3_init, resolve_resume,
                             training_summary, with_cpu_process_group)
-from recipes.peft_methods import PeftMethodArguments, build_peft_config, trainable_parameters
+from recipes.peft_methods import PeftMethodArguments, build_peft_config, check_peft_settings, trainable_parameters
 from recipes.rl.common import (ReferenceCurveArguments, RLShapingArguments, check_settings, finish_run,
                               load_reference_curves, model_load_kwargs, require_conversational, summary_line)
 from recipes.rl.ppo_trainer import PPO_STATE_NAME, PPOConfig
@@ -209,7 +209,9 @@ def _log(trainer, message: str) -> None:
 
 
 def parse_args(argv: list[str] | None = None):
-    return parse_config([ScriptArguments, PPOConfig, ModelConfig, PeftMethodArguments], with_cpu_process_group(argv))
+    parsed = parse_config([ScriptArguments, PPOConfig, ModelConfig, PeftMethodArguments], with_cpu_process_group(argv))
+    check_peft_settings("ppo", parsed[2], parsed[3], parsed[1])
+    return parsed
 
 
 if __name__ == "__main__":

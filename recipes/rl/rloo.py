@@ -23,7 +23,7 @@ from trl import ModelConfig
 
 from data_prep.artifacts import parse_config, run_cli
 from recipes.common import with_cpu_process_group
-from recipes.peft_methods import PeftMethodArguments
+from recipes.peft_methods import PeftMethodArguments, check_peft_settings
 from recipes.rl import grpo
 from recipes.rl.common import OnlineRLChecks, PromptArguments
 
@@ -38,7 +38,9 @@ def main(script_args, training_args, model_args, peft_args, callbacks=None) -> d
 
 
 def parse_args(argv: list[str] | None = None):
-    return parse_config([PromptArguments, RLOOConfig, ModelConfig, PeftMethodArguments], with_cpu_process_group(argv))
+    parsed = parse_config([PromptArguments, RLOOConfig, ModelConfig, PeftMethodArguments], with_cpu_process_group(argv))
+    check_peft_settings("rloo", parsed[2], parsed[3], parsed[1])
+    return parsed
 
 
 if __name__ == "__main__":

@@ -32,8 +32,8 @@ from recipes.common import (account_for_dropped_rows, check_max_length, check_se
                             keep_token_count_across_resume, load_pretrained, load_splits, mark_incomplete, model_card,
                             no_zero3_init, optimizer_settings, publish, resolve_resume, save_optimizer_settings,
                             save_trained, training_summary, with_cpu_process_group)
-from recipes.peft_methods import (PeftMethodArguments, build_peft_config, quantization_config, refuse_broken_combination,
-                                  trainable_parameters)
+from recipes.peft_methods import (PeftMethodArguments, build_peft_config, check_peft_settings, quantization_config,
+                                  refuse_broken_combination, trainable_parameters)
 
 
 @dataclass
@@ -89,8 +89,6 @@ def main(script_args, training_args, model_args, peft_args, callbacks=None) -> d
     check_special_tokens(training_args, tokenizer, model_path)
     check_max_length(training_args, model, model_path)
     peft_config = build_peft_config(model_args, peft_args, model)
-    if script_args.merge_adapter and not (model_args.use_peft and peft_args.peft_method == "lora"):
-        raise UserError("merge_adapter: only LoRA adapters can be merged into the base weights")
 
     # ------------------------------------------------------------------ trainer
     # Without Triton, TRL's fused LM head would also project the prompt and padding positions (~2x slower on CPU).
@@ -208,6 +206,10 @@ def _card(inputs: dict, options: dict, metrics: dict) -> str:
 def parse_args(argv: list[str] | None = None):
     parsed = parse_config([ScriptArguments, SFTConfig, ModelConfig, PeftMethodArguments], with_cpu_process_group(argv))
     check_training_numbers(parsed[1])
+    check_peft_settings("sft", parsed[2], parsed[3], parsed[1])
+    script_args, _, model_args, peft_args = parsed
+    if script_args.merge_adapter and not (model_args.use_peft and peft_args.peft_method == "lora"):
+        raise UserError("merge_adapter: only LoRA adapters can be merged into the base weights")
     return parsed
 
 
