@@ -197,6 +197,8 @@ def train_tokenizer(args: TokenizerArguments) -> dict:
         args.min_frequency = 2 if args.min_frequency is None else args.min_frequency
         if args.min_frequency < 1:
             raise UserError(f"min_frequency must be >= 1, got {args.min_frequency}")
+    if args.vocab_size >= 2**31:  # the trainers' OverflowError
+        raise UserError(f"vocab_size must be below 2**31, got {args.vocab_size}")
     if args.max_training_docs is not None and args.max_training_docs < 1:  # [:0] would train on nothing
         raise UserError(f"max_training_docs must be >= 1 (or unset, for all), got {args.max_training_docs}")
     if args.model_max_length < 2:
@@ -233,7 +235,9 @@ def main(argv: list[str] | None = None) -> dict:
     (args,) = parse_config([TokenizerArguments], argv)
     manifest = train_tokenizer(args)
     out = manifest["outputs"]
-    print(f"tokenizer -> {args.output_dir}: {args.kind}, vocab {out['vocab_size']}, "
+    short = (f" (vocab_size {args.vocab_size} asked: this corpus has merges for only {out['vocab_size']} tokens; "
+             "add text or lower vocab_size)" if out["vocab_size"] < args.vocab_size else "")
+    print(f"tokenizer -> {args.output_dir}: {args.kind}, vocab {out['vocab_size']}{short}, "
           f"{out['bytes_per_token_validation']:.2f} bytes/token on validation")
     return manifest
 

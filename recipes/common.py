@@ -360,11 +360,26 @@ def account_for_dropped_rows(trainer, given: dict[str, int], why: str, log) -> N
             log(f"{count - kept} of {count} {split} rows dropped at max_length {trainer.args.max_length} ({why})")
 
 
-def load_pretrained(path: str, auto_class, trust_remote_code: bool = False, **kwargs):
+MERGEABLE_ADAPTERS = ("LORA", "IA3")
+
+
+def model_load_kwargs(model_args) -> dict:
+    """TRL ModelConfig's `dtype`, `attn_implementation` and `model_revision` as from_pretrained keywords."""
+    import torch
+
+    dtype = model_args.dtype
+    return {"attn_implementation": model_args.attn_implementation, "revision": model_args.model_revision,
+            "dtype": getattr(torch, dtype) if dtype not in (None, "auto") else "auto"}
+
+
+def load_pretrained(path: str, auto_class, trust_remote_code: bool = False, for_training: bool = False, **kwargs):
     """(model, tokenizer, parent manifest) from a stage output, a PEFT adapter directory or a Hub id.
 
     Weights load from safetensors only. An adapter directory loads its base model first, then the
     adapter (our bottleneck adapters included). Missing pieces give one line naming the directory.
+    An adapter is merged into its base (LoRA, IA3) where the model starts a training run (`for_training`:
+    PEFT would load it frozen, and SFT trained 0 parameters) or takes another head than the adapter's task
+    (an SFT adapter as the start of a reward model: PEFT's causal-LM wrapper crashed on the classifier).
     """
     import json
 
@@ -376,13 +391,26 @@ def load_pretrained(path: str, auto_class, trust_remote_code: bool = False, **kw
     local = Path(path)
     adapter_config = local / "adapter_config.json"
     if local.is_dir() and adapter_config.is_file():
-        from peft import PeftModel
+        from peft import PeftConfig, PeftModel
 
         base_path = json.loads(adapter_config.read_text()).get("base_model_name_or_path")
         if not base_path or (_looks_local(base_path) and not (Path(base_path) / "config.json").is_file()):
             raise UserError(f"adapter {path}: its base model {base_path!r} is missing")
         base, tokenizer, _ = load_pretrained(base_path, auto_class, trust_remote_code, **kwargs)
-        model = PeftModel.from_pretrained(base, str(local))
+        config = PeftConfig.from_pretrained(str(local))
+        peft_type = getattr(config.peft_type, "value", config.peft_type)
+        task = getattr(config.task_type, "value", config.task_type)
+        head = "SEQ_CLS" if auto_class.__name__ == "AutoModelForSequenceClassification" else "CAUSAL_LM"
+        merge = for_training or (task is not None and task != head)
+        if merge and peft_type not in MERGEABLE_ADAPTERS:
+            why = "start a training run" if for_training else f"serve as a {head} model (it is a {task} adapter)"
+            raise UserError(f"{path}: a {peft_type} adapter cannot be merged into its base to {why}; start from its "
+                            f"base model {base_path}, or from a LoRA or IA3 output")
+        if merge and task != head:
+            config.task_type = None  # PEFT's plain wrapper: the adapter's layers onto this head's backbone
+        model = PeftModel.from_pretrained(base, str(local), config=config)
+        if merge:
+            model = model.merge_and_unload().requires_grad_(True)  # PEFT froze the base; a new run trains it
         if (local / "tokenizer_config.json").is_file():
             tokenizer = AutoTokenizer.from_pretrained(str(local), trust_remote_code=trust_remote_code)
         return model, tokenizer, _read_parent(local)

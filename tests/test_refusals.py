@@ -65,10 +65,19 @@ def test_training_numbers_no_run_can_use_stop_while_parsing(recipe, flags, messa
     (reward, "recipes/reward/tiny_lora.yaml", ("--lora_dropout", "0.1"),  # TRL zeroes it: recorded, never applied
      "lora_dropout 0.1: disable_dropout is true, so the reward trainer sets every dropout to 0, the adapter's "
      "included; set lora_dropout: 0 or disable_dropout: false"),
+    (sft, "recipes/sft/tiny.yaml", ("--padding_free", "true"),  # SFTTrainer's ValueError after the model loads
+     "padding_free: without packing, TRL does not enforce max_length; set packing: true, or padding_free: false"),
+    (sft, "recipes/sft/tiny.yaml", ("--completion_only_loss", "true"),  # the collator's, at the first batch
+     "completion_only_loss: the recipe's data are conversations (messages), which TRL does not split into prompt "
+     "and completion; use assistant_only_loss: true"),
     (sft, "recipes/sft/tiny.yaml", ("--merge_adapter", "true"),  # refused after the model had loaded
      "merge_adapter: only LoRA adapters can be merged into the base weights"),
     *[(module, config, ("--seed", "-1"), "seed must be in [0, 2**32 - 1], got -1")  # set_seed, after the loads
       for module, config in TRAINING.values()],
+    (pretrain, "recipes/pretrain/tiny.yaml", ("--muon", "true", "--muon_momentum", "1.5"),
+     "muon_momentum must be < 1, got 1.5"),
+    (pretrain, "recipes/pretrain/tiny.yaml", ("--muon_learning_rate", "0.5"),  # AdamW would train without it
+     "muon_learning_rate is only read with muon: true, but muon is false"),
     # GRPO/RLOO sampling: top_p 0 samples greedily (a group of equal replies, every advantage 0), top_p 1.5 is
     # ignored, a negative top_k or repetition_penalty 0 fails at the first rollout
     *[(module, f"recipes/rl/{name}_tiny.yaml", flags, message) for name, module in (("grpo", grpo), ("rloo", rloo))
@@ -239,6 +248,9 @@ def test_an_architecture_no_model_can_have_stops_while_parsing(flags, message, t
                              "encoder-decoder family); pretraining builds AutoModelForCausalLM"),
     (("--attn_implementation", "flash"), "key attn_implementation: unknown 'flash' (one of eager, "),
     (("--attn_implementation", "flash_attention_2"), "attn_implementation 'flash_attention_2': FlashAttention2 "),
+    # settings a family has no field for built nothing, while the manifest recorded them as the architecture
+    (("--model_type", "gpt2", "--intermediate_size", "999"),
+     "key intermediate_size does not apply to model_type 'gpt2' (GPT2Config has no such setting)"),
 ])
 def test_a_family_or_attention_that_cannot_be_built_is_one_line(flags, message, tiny_data, tmp_path):
     if "flash_attention_2" in flags:
@@ -355,6 +367,21 @@ def test_a_yaml_value_outside_a_fields_choices_names_file_line_and_key(tmp_path)
         "train_sampling_strategy: group_by_length", "train_sampling_strategy: by_length"))
     with pytest.raises(UserError, match=r":\d+: key train_sampling_strategy: expected one of random, sequential, "):
         sft.parse_args(["--config", str(config)])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--batch_size", "0"), "batch_size must be >= 1, got 0"),
+    (("--seq_len", "0"), "seq_len must be >= 2, got 0"),  # a reshape RuntimeError
+    (("--vocab_size", "0"), "vocab_size must be >= 3, got 0"),  # an IndexError
+    (("--seed", "-1"), "seed must be in [0, 2**32 - 1], got -1"),
+])
+def test_benchmark_numbers_no_run_can_use_are_one_line(flags, message):
+    from data_prep.artifacts import parse_config
+    from recipes.pretrain import benchmark
+
+    with pytest.raises(UserError) as err:
+        benchmark.main(*parse_config([benchmark.BenchmarkArguments, pretrain.ArchitectureArguments], list(flags)))
+    assert str(err.value) == message
 
 
 def test_a_reward_adapter_is_a_sequence_classifier_and_records_the_dropout_it_gets():

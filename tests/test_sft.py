@@ -403,3 +403,40 @@ def test_a_run_replaces_the_previous_runs_final_files_and_keeps_its_checkpoints(
     assert not [n for n in names if n.startswith("adapter") or n.startswith(".")], names
     model, _, manifest = load_pretrained(str(out), AutoModelForCausalLM)
     assert type(model).__name__ == "LlamaForCausalLM" and manifest["options"].get("use_peft") in (False, None)
+
+
+def test_an_adapter_output_starts_a_run_merged_into_its_base(tiny_pretrained, tmp_path):
+    """An SFT LoRA output (saved without merge_adapter) given as the next run's model: PEFT loaded it frozen, so
+    SFT trained 0 parameters, and as a reward model's start its causal-LM wrapper crashed on the classifier.
+    It is merged into its base instead; an adapter that cannot be merged is refused in one line."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    from recipes.bottleneck_adapter import BottleneckConfig
+    from recipes.common import load_pretrained
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_pretrained)
+    lora = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_pretrained),
+                          LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj", "v_proj"]))
+    for name, param in lora.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.5)  # a trained adapter: B is no longer 0
+    lora.save_pretrained(tmp_path / "lora")
+    tokenizer.save_pretrained(tmp_path / "lora")
+
+    model, _, _ = load_pretrained(str(tmp_path / "lora"), AutoModelForCausalLM, for_training=True)
+    assert not isinstance(model, PeftModel) and all(p.requires_grad for p in model.parameters())
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_pretrained), tmp_path / "lora")
+    assert torch.allclose(logits_of(model, tokenizer), logits_of(adapted.eval(), tokenizer), atol=1e-5)
+    judge_start, _, _ = load_pretrained(str(tmp_path / "lora"), AutoModelForSequenceClassification, num_labels=1)
+    merged = adapted.merge_and_unload().state_dict()
+    backbone = {k: v for k, v in judge_start.state_dict().items() if not k.startswith("score")}
+    assert backbone and all(torch.equal(v, merged[k]) for k, v in backbone.items())
+
+    bottleneck = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_pretrained),
+                                BottleneckConfig(task_type="CAUSAL_LM", bottleneck_size=4))
+    bottleneck.save_pretrained(tmp_path / "bottleneck")
+    tokenizer.save_pretrained(tmp_path / "bottleneck")
+    with pytest.raises(UserError, match=f"^{tmp_path / 'bottleneck'}: a BOTTLENECK adapter cannot be merged into its "
+                                        "base to start a training run; start from its base model"):
+        load_pretrained(str(tmp_path / "bottleneck"), AutoModelForCausalLM, for_training=True)

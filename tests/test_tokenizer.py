@@ -235,3 +235,25 @@ def test_min_frequency_changes_the_byte_level_merges(tiny_data, tmp_path):
         vocabularies.append(manifest["outputs"]["vocab_size"])
         assert manifest["options"]["min_frequency"] == min_frequency
     assert vocabularies == [400, len(SPECIAL_TOKENS) + 256]
+
+
+def test_a_vocabulary_the_corpus_cannot_fill_is_reported_and_an_absurd_one_refused(tmp_path, capsys):
+    """Byte-level BPE stops when no pair is left to merge: the manifest recorded the smaller vocabulary, but
+    nothing said so. A vocab_size of 2**31 or more was an OverflowError traceback."""
+    from data_prep import build_corpus, train_tokenizer as train_tokenizer_module
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(4):
+        (docs / f"{i}.txt").write_text(f"a short document number {i}, with few distinct pairs to merge")
+    build_corpus.main(["--source", "local", "--input_paths", str(docs), "--output_dir", str(tmp_path / "corpus"),
+                       "--validation_fraction", "0.25"])
+    manifest = train_tokenizer_module.main(["--corpus_dir", str(tmp_path / "corpus"), "--output_dir",
+                                            str(tmp_path / "t"), "--vocab_size", "4096"])
+    learned = manifest["outputs"]["vocab_size"]
+    assert learned < 4096
+    assert (f"vocab {learned} (vocab_size 4096 asked: this corpus has merges for only {learned} tokens; add text or "
+            "lower vocab_size)") in capsys.readouterr().out
+    with pytest.raises(UserError, match=r"^vocab_size must be below 2\*\*31, got 4294967296$"):
+        train_tokenizer_module.main(["--corpus_dir", str(tmp_path / "corpus"), "--output_dir", str(tmp_path / "t2"),
+                                     "--vocab_size", str(2**32)])

@@ -109,6 +109,11 @@ def main(bench: BenchmarkArguments, arch: ArchitectureArguments) -> dict:
 
     if bench.warmup_steps < 1 or bench.timed_steps < 1 or bench.rounds < 1:
         raise UserError("warmup_steps, timed_steps and rounds must all be at least 1")
+    for key, least in (("batch_size", 1), ("seq_len", 2), ("vocab_size", 3)):  # 3: the stand-in bos, eos and pad
+        if getattr(bench, key) < least:
+            raise UserError(f"{key} must be >= {least}, got {getattr(bench, key)}")
+    if not 0 <= bench.seed < 2**32:
+        raise UserError(f"seed must be in [0, 2**32 - 1], got {bench.seed}")
     if bench.seq_len > arch.max_position_embeddings:
         raise UserError(f"seq_len {bench.seq_len} exceeds max_position_embeddings {arch.max_position_embeddings}")
     if bench.bf16 and not torch.cuda.is_available():

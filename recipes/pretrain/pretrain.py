@@ -19,7 +19,7 @@ from __future__ import annotations
 import difflib
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from transformers import Trainer, TrainingArguments
@@ -49,6 +49,13 @@ class ScriptArguments:
     def __post_init__(self):
         check_settings(self, at_least_1=("max_eval_samples",), positive=("peak_tflops", "muon_learning_rate"),
                        non_negative=("muon_momentum", "muon_weight_decay"))
+        if not self.muon_momentum < 1:  # a momentum of 1 or more never forgets, and grows without bound
+            raise UserError(f"muon_momentum must be < 1, got {self.muon_momentum}")
+        if not self.muon:
+            defaults = {spec.name: spec.default for spec in fields(self)}
+            for key in ("muon_learning_rate", "muon_momentum", "muon_weight_decay"):
+                if getattr(self, key) != defaults[key]:
+                    raise UserError(f"{key} is only read with muon: true, but muon is false")
 
 
 @dataclass
@@ -112,9 +119,17 @@ def build_config(arch: ArchitectureArguments, tokenizer):
     except StrictDataclassError as err:  # a config class's own validator; its reason is the last line
         reason = str(err).strip().splitlines()[-1].strip().removeprefix("ValueError: ")
         raise UserError(f"model_type '{arch.model_type}': {reason}") from None
-    for key in ("num_local_experts", "num_experts_per_tok"):
-        if getattr(arch, key) is not None and key not in type(config)().to_dict():
-            raise UserError(f"key {key} does not apply to model_type '{arch.model_type}'")
+    # a setting the family's config class has no field for (nor alias, as GPT-2's n_embd for hidden_size) is
+    # kept as a stray attribute and builds nothing: GPT-2 has no intermediate_size, grouped heads or RoPE
+    config_class = type(config)
+    known_keys = set(config_class().to_dict()) | set(getattr(config_class, "attribute_map", {}))
+    defaults = ArchitectureArguments()
+    for key in kwargs:
+        source_key = "rope_theta" if key == "rope_parameters" else key
+        changed = getattr(arch, source_key) != getattr(defaults, source_key)
+        if key not in known_keys and changed:
+            raise UserError(f"key {source_key} does not apply to model_type '{arch.model_type}' "
+                            f"({config_class.__name__} has no such setting)")
     if getattr(config, "is_decoder", None) is False:  # BERT-like families attend both ways unless told
         config.is_decoder = True
     config.vocab_size = len(tokenizer)

@@ -30,8 +30,9 @@ from trl import ModelConfig, RewardConfig, RewardTrainer
 from data_prep.artifacts import UserError, build_manifest, parse_config, run_cli, write_manifest
 from recipes.common import (account_for_dropped_rows, check_max_length, check_special_tokens, check_training_numbers,
                             claim_run_dir, keep_token_count_across_resume, load_pretrained, load_splits,
-                            mark_incomplete, model_card, no_zero3_init, optimizer_settings, publish, resolve_resume,
-                            save_optimizer_settings, save_trained, training_summary, with_cpu_process_group)
+                            mark_incomplete, model_card, model_load_kwargs, no_zero3_init, optimizer_settings, publish,
+                            resolve_resume, save_optimizer_settings, save_trained, training_summary,
+                            with_cpu_process_group)
 from recipes.peft_methods import (PeftMethodArguments, build_peft_config, check_peft_settings, quantization_config,
                                   refuse_broken_combination, trainable_parameters)
 from recipes.reward.shared_prompt import (SharedPromptCollator, check_attention_implementation, merged_length,
@@ -51,7 +52,6 @@ class ScriptArguments:
 
 
 def main(script_args, training_args, model_args, peft_args, callbacks=None) -> dict:
-    import torch
     from transformers import AutoModelForSequenceClassification, set_seed
 
     from data_prep.chat_tasks import validate_preferences
@@ -70,8 +70,8 @@ def main(script_args, training_args, model_args, peft_args, callbacks=None) -> d
     model_path = model_args.model_name_or_path
     model, tokenizer, parent = load_pretrained(
         model_path, AutoModelForSequenceClassification, trust_remote_code=training_args.trust_remote_code,
-        num_labels=1, dtype=getattr(torch, model_args.dtype) if model_args.dtype not in (None, "auto") else "auto",
-        quantization_config=quantization_config(model_args))
+        for_training=True, num_labels=1, quantization_config=quantization_config(model_args),
+        **model_load_kwargs(model_args))
     if not tokenizer.chat_template:  # RewardTrainer renders each conversational pair with it
         raise UserError(f"{model_path}: the tokenizer has no chat template (the reward model starts from a chat "
                         "model, e.g. the SFT recipe's output)")

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from data_prep.artifacts import UserError, build_manifest, write_manifest
-from recipes.common import (check_settings, check_training_numbers, load_pretrained, model_card, no_zero3_init,
-                            publish)
+from recipes.common import (check_settings, check_training_numbers, load_pretrained, model_card, model_load_kwargs,
+                            no_zero3_init, publish)
 
 
 @dataclass
@@ -91,15 +91,6 @@ class OnlineRLChecks:
         super().__post_init__()
 
 
-def model_load_kwargs(model_args) -> dict:
-    """ModelConfig's `dtype` and `attn_implementation` as from_pretrained keyword arguments."""
-    import torch
-
-    dtype = model_args.dtype
-    return {"attn_implementation": model_args.attn_implementation,
-            "dtype": getattr(torch, dtype) if dtype not in (None, "auto") else "auto"}
-
-
 def require_conversational(prompts, what: str, skip: str = "dataset_test_split: none") -> None:
     """The held-out evaluation renders prompts with the chat template: plain-text prompts are refused."""
     if prompts is not None and any(isinstance(p, str) for p in prompts["prompt"]):
@@ -116,7 +107,7 @@ def load_policy(model_args, trust_remote_code: bool = False):
 
     model_path = model_args.model_name_or_path
     model, tokenizer, parent = load_pretrained(model_path, AutoModelForCausalLM, trust_remote_code=trust_remote_code,
-                                               **model_load_kwargs(model_args))
+                                               for_training=True, **model_load_kwargs(model_args))
     if not tokenizer.chat_template:
         raise UserError(f"{model_path}: the tokenizer has no chat template (RL starts from a chat model)")
     # TRL's trainers stop at every id in generation_config.eos_token_id plus the tokenizer's eos

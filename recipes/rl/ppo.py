@@ -88,7 +88,7 @@ def main(script_args, training_args, model_args, peft_args, callbacks=None) -> d
     policy_path = model_args.model_name_or_path
     trust, load_kwargs = training_args.trust_remote_code, model_load_kwargs(model_args)
     policy, tokenizer, parent = load_pretrained(policy_path, AutoModelForCausalLM, trust_remote_code=trust,
-                                                **load_kwargs)
+                                                for_training=True, **load_kwargs)
     if not tokenizer.chat_template:  # the rollouts render every prompt with it, after all four models load
         raise UserError(f"{policy_path}: the tokenizer has no chat template (RL starts from a chat model)")
     train_prompts, truncated = truncate_prompts(train_prompts, tokenizer, script_args.max_prompt_tokens)

@@ -30,8 +30,8 @@ from data_prep.artifacts import UserError, build_manifest, parse_config, run_cli
 from recipes.common import (account_for_dropped_rows, check_max_length, check_settings, check_special_tokens,
                             check_training_numbers, claim_run_dir, fused_head_on_labelled_positions_only,
                             keep_token_count_across_resume, load_pretrained, load_splits, mark_incomplete, model_card,
-                            no_zero3_init, optimizer_settings, publish, resolve_resume, save_optimizer_settings,
-                            save_trained, training_summary, with_cpu_process_group)
+                            model_load_kwargs, no_zero3_init, optimizer_settings, publish, resolve_resume,
+                            save_optimizer_settings, save_trained, training_summary, with_cpu_process_group)
 from recipes.peft_methods import (PeftMethodArguments, build_peft_config, check_peft_settings, quantization_config,
                                   refuse_broken_combination, trainable_parameters)
 
@@ -51,7 +51,6 @@ class ScriptArguments:
 
 
 def main(script_args, training_args, model_args, peft_args, callbacks=None) -> dict:
-    import torch
     from transformers import AutoModelForCausalLM, set_seed
     from trl import SFTTrainer
     from trl.chat_template_utils import has_generation_markers
@@ -72,9 +71,8 @@ def main(script_args, training_args, model_args, peft_args, callbacks=None) -> d
     set_seed(training_args.seed)
     model_path = model_args.model_name_or_path
     model, tokenizer, parent = load_pretrained(
-        model_path, AutoModelForCausalLM, trust_remote_code=training_args.trust_remote_code,
-        dtype=getattr(torch, model_args.dtype) if model_args.dtype not in (None, "auto") else "auto",
-        quantization_config=quantization_config(model_args))
+        model_path, AutoModelForCausalLM, trust_remote_code=training_args.trust_remote_code, for_training=True,
+        quantization_config=quantization_config(model_args), **model_load_kwargs(model_args))
     if training_args.chat_template_path:  # a Hub model whose own template lacks generation markers
         template = Path(training_args.chat_template_path)
         if not template.is_file():
@@ -207,9 +205,16 @@ def parse_args(argv: list[str] | None = None):
     parsed = parse_config([ScriptArguments, SFTConfig, ModelConfig, PeftMethodArguments], with_cpu_process_group(argv))
     check_training_numbers(parsed[1])
     check_peft_settings("sft", parsed[2], parsed[3], parsed[1])
-    script_args, _, model_args, peft_args = parsed
+    script_args, training_args, model_args, peft_args = parsed
     if script_args.merge_adapter and not (model_args.use_peft and peft_args.peft_method == "lora"):
         raise UserError("merge_adapter: only LoRA adapters can be merged into the base weights")
+    # both fail inside SFTTrainer, after the model has loaded (the second at the first batch)
+    if training_args.padding_free and not training_args.packing and training_args.max_length is not None:
+        raise UserError("padding_free: without packing, TRL does not enforce max_length; set packing: true, or "
+                        "padding_free: false")
+    if training_args.completion_only_loss:
+        raise UserError("completion_only_loss: the recipe's data are conversations (messages), which TRL does not "
+                        "split into prompt and completion; use assistant_only_loss: true")
     return parsed
 
 
