@@ -402,15 +402,21 @@ def load_pretrained(path: str, auto_class, trust_remote_code: bool = False, for_
         task = getattr(config.task_type, "value", config.task_type)
         head = "SEQ_CLS" if auto_class.__name__ == "AutoModelForSequenceClassification" else "CAUSAL_LM"
         merge = for_training or (task is not None and task != head)
+        why = "start a training run" if for_training else f"serve as a {head} model (it is a {task} adapter)"
         if merge and peft_type not in MERGEABLE_ADAPTERS:
-            why = "start a training run" if for_training else f"serve as a {head} model (it is a {task} adapter)"
             raise UserError(f"{path}: a {peft_type} adapter cannot be merged into its base to {why}; start from its "
                             f"base model {base_path}, or from a LoRA or IA3 output")
+        if merge and kwargs.get("quantization_config") is not None:  # a lossy merge into 4/8-bit weights
+            raise UserError(f"{path}: an adapter cannot be merged into a quantized base to {why}; start from a "
+                            "merged output (the SFT recipe's merge_adapter: true) or load the base unquantized")
         if merge and task != head:
             config.task_type = None  # PEFT's plain wrapper: the adapter's layers onto this head's backbone
         model = PeftModel.from_pretrained(base, str(local), config=config)
         if merge:
             model = model.merge_and_unload().requires_grad_(True)  # PEFT froze the base; a new run trains it
+            # TRL builds DPO/GRPO/RLOO references from this name: the adapter directory (base + adapter,
+            # the policy as it starts), not the base the merge came from
+            model.config._name_or_path = model.name_or_path = str(local)
         if (local / "tokenizer_config.json").is_file():
             tokenizer = AutoTokenizer.from_pretrained(str(local), trust_remote_code=trust_remote_code)
         return model, tokenizer, _read_parent(local)

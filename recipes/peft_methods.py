@@ -46,6 +46,12 @@ def check_peft_settings(stage: str, model_args, method_args: PeftMethodArguments
         return
     from recipes.common import check_settings
 
+    targets = model_args.lora_target_modules
+    if isinstance(targets, str) and targets != "all-linear" and re.fullmatch(r"[\w.]+", targets):
+        # TRL's ModelConfig turns a one-item list into a string, which PEFT reads as a regex of the whole module
+        # name: "q_proj" would match nothing
+        model_args.lora_target_modules = [targets]
+
     check_settings(model_args, at_least_1=("lora_r",), positive=("lora_alpha",), non_negative=("lora_dropout",))
     check_settings(method_args, at_least_1=("bottleneck_size", "num_virtual_tokens"))
     if not model_args.lora_dropout < 1:
@@ -143,22 +149,26 @@ def check_target_modules(model, targets, method: str) -> None:
     import torch
     from transformers.pytorch_utils import Conv1D
 
-    if isinstance(targets, str):  # TRL's ModelConfig turns a one-item list into a string
-        if targets == "all-linear" or not re.fullmatch(r"[\w.]+", targets):
-            return  # "all-linear" or a regex: PEFT itself resolves it
-        targets = [targets]
+    if isinstance(targets, str):
+        return  # "all-linear" or a regex of whole module names: PEFT itself resolves it (check_peft_settings
+        # has turned a bare name back into a list)
     if not targets:
         return
-    modules = [(name.rsplit(".", 1)[-1], module) for name, module in model.named_modules()]
-    linear = sorted({name for name, module in modules if isinstance(module, (torch.nn.Linear, Conv1D))})
-    missing = sorted(set(targets) - {name for name, _ in modules})
+    modules = list(model.named_modules())
+    linear = sorted({name.rsplit(".", 1)[-1] for name, module in modules
+                     if isinstance(module, (torch.nn.Linear, Conv1D))})
+
+    def named(target):  # PEFT's rule for a list: the whole name, or its last dotted parts
+        return [module for name, module in modules if name == target or name.endswith("." + target)]
+
+    missing = sorted(target for target in set(targets) if not named(target))
     if missing:
         raise UserError(f"lora_target_modules: {', '.join(missing)} not found in {type(model).__name__} "
                         f"({method}); its linear layers are {', '.join(linear)}")
     if method in ("lora", "ia3"):
         layers = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, Conv1D)
-        adaptable = {name for name, module in modules if isinstance(module, layers)}
-        blocks = sorted(set(targets) - adaptable)
+        blocks = sorted(target for target in set(targets)
+                        if not any(isinstance(module, layers) for module in named(target)))
         if blocks:
             raise UserError(f"lora_target_modules: {', '.join(blocks)} in {type(model).__name__} are not layers "
                             f"{method} can adapt (linear, embedding or convolution); its linear layers are "

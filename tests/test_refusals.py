@@ -406,12 +406,17 @@ def test_peft_targets_that_are_not_adaptable_layers_are_one_line():
     model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                          num_attention_heads=2, num_key_value_heads=2))
     with pytest.raises(UserError, match="^lora_target_modules: q_projx not found in LlamaForCausalLM"):
-        check_target_modules(model, "q_projx", "lora")
+        check_target_modules(model, ["q_projx"], "lora")
+    check_target_modules(model, ["model.layers.0.self_attn.q_proj", "v_proj"], "lora")  # PEFT takes whole names too
     with pytest.raises(UserError, match="^lora_target_modules: self_attn in LlamaForCausalLM are not layers lora can "
                                         "adapt .*; its linear layers are down_proj, gate_proj, k_proj"):
         check_target_modules(model, ["q_proj", "self_attn"], "lora")
     check_target_modules(model, ["mlp"], "bottleneck")  # bottleneck adapters wrap blocks
     check_target_modules(model, ".*proj", "lora")  # a regex is PEFT's to resolve
+    # TRL turns a one-item list into a string, which PEFT would read as a regex of whole names (matching nothing)
+    _, _, model_args, _ = sft.parse_args(["--config", str(REPO_ROOT / "recipes/sft/tiny_lora.yaml"),
+                                          "--lora_target_modules", "q_proj"])
+    assert model_args.lora_target_modules == ["q_proj"]
 
 
 def test_a_damaged_list_of_the_replaced_runs_files_stops_before_any_work(tmp_path):

@@ -335,8 +335,9 @@ def test_an_eval_of_an_earlier_build_is_left_out_of_the_rebuilt_stage(tmp_path):
     outputs = make_outputs(tmp_path / "outputs")
     sft_fingerprint = json.loads((outputs / "sft_tiny" / "manifest.json").read_text())["fingerprint"]
     (outputs / "eval_old").mkdir()
-    (outputs / "eval_old" / "eval_results.json").write_text(json.dumps(
-        {"checkpoint": "outputs/sft_tiny", "metrics": {"exact_match": {"exact_match": 0.01}}}))
+    (outputs / "eval_old" / "eval_results.json").write_text(json.dumps(  # judged by the current reward_tiny
+        {"checkpoint": "outputs/sft_tiny", "reward_model": "outputs/reward_tiny",
+         "metrics": {"exact_match": {"exact_match": 0.01}, "reward_accuracy": {"accuracy": 0.33, "n": 10}}}))
     write_manifest(outputs / "eval_old", build_manifest("eval", {"model": "outputs/sft_tiny",
                                                                  "model_fingerprint": "0" * 16}, {}, {}))
     summary = report.main([str(outputs), "--output_dir", str(tmp_path / "r")])
@@ -344,11 +345,13 @@ def test_an_eval_of_an_earlier_build_is_left_out_of_the_rebuilt_stage(tmp_path):
     column = {name: i for i, name in enumerate(summary["table"]["header"])}
     rows = {row[0]: row for row in _table_rows(markdown, "Metrics across stages")}
     assert rows["sft_tiny"][column["exact match"]] == "0.550"
+    # pairwise accuracy is the judge's, whichever checkpoint the eval evaluated: it stays with reward_tiny
+    assert "eval_old/eval_results.json`: pairwise accuracy on held-out pairs" in markdown
     # the judge rebuilt since: its pairwise accuracy from that eval is not this reward model's
     (outputs / "eval_old_judge").mkdir()
     (outputs / "eval_old_judge" / "eval_results.json").write_text(json.dumps(
         {"checkpoint": "outputs/sft_tiny", "reward_model": "outputs/reward_tiny",
-         "metrics": {"reward_accuracy": {"accuracy": 0.11, "n": 10}}}))
+         "metrics": {"reward_accuracy": {"accuracy": 0.11, "n": 10}, "win_rate": {"win_rate": 0.01, "n": 8}}}))
     write_manifest(outputs / "eval_old_judge", build_manifest("eval", {
         "model": "outputs/sft_tiny", "model_fingerprint": sft_fingerprint, "reward_model": "outputs/reward_tiny",
         "reward_model_fingerprint": "1" * 16}, {}, {}))
@@ -356,8 +359,10 @@ def test_an_eval_of_an_earlier_build_is_left_out_of_the_rebuilt_stage(tmp_path):
     rebuilt = (tmp_path / "r2" / "report.md").read_text()
     rows = {row[0]: row for row in _table_rows(rebuilt, "Metrics across stages")}
     assert rows["reward_tiny"][column["pairwise acc"]] == "0.850"  # its current build's, from eval_sft_tiny
+    assert rows["sft_tiny"][column["win rate"]] == "0.750 vs pretrain_tiny"  # the old judge's 0.01 is left out
     assert "As the judging reward model in `" in rebuilt and "eval_old_judge/eval_results.json`: pairwise" not in rebuilt
-    assert f"eval_old_judge/eval_results.json` evaluated fingerprint `{'1' * 16}`, an earlier build of `reward_tiny`" in rebuilt
+    assert (f"eval_old_judge/eval_results.json` judged with fingerprint `{'1' * 16}`, an earlier build of "
+            "`reward_tiny`") in rebuilt
     assert (f"eval_old/eval_results.json` evaluated fingerprint `{'0' * 16}`, an "
             f"earlier build of `sft_tiny` (now `{sft_fingerprint}`)") in markdown
 

@@ -426,6 +426,7 @@ def test_an_adapter_output_starts_a_run_merged_into_its_base(tiny_pretrained, tm
 
     model, _, _ = load_pretrained(str(tmp_path / "lora"), AutoModelForCausalLM, for_training=True)
     assert not isinstance(model, PeftModel) and all(p.requires_grad for p in model.parameters())
+    assert model.config._name_or_path == str(tmp_path / "lora")  # TRL's DPO/GRPO reference: the policy, not the base
     adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_pretrained), tmp_path / "lora")
     assert torch.allclose(logits_of(model, tokenizer), logits_of(adapted.eval(), tokenizer), atol=1e-5)
     judge_start, _, _ = load_pretrained(str(tmp_path / "lora"), AutoModelForSequenceClassification, num_labels=1)

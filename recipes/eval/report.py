@@ -74,7 +74,7 @@ class Stage:
     state_source: Path | None = None
     evals: list = field(default_factory=list)  # (eval_results.json, its content, the reward model that judged)
     judged: list = field(default_factory=list)  # (eval_results.json, reward_accuracy) where this was the judge
-    stale_evals: list = field(default_factory=list)  # (eval_results.json, fingerprint it evaluated) of an older build
+    stale_evals: list = field(default_factory=list)  # (eval_results.json, fingerprint, "evaluated"/"was judged by")
     parent: str | None = None  # a stage name or, for an input outside the root (a Hub model), its id
     links: list = field(default_factory=list)  # (input key, stage name, freshness note, recorded value)
     is_model: bool = False
@@ -234,6 +234,9 @@ def _primary_parent(stage: Stage, inputs: dict, resolve: Resolver) -> str | None
     return ranked[0][1] if ranked else None
 
 
+JUDGED_METRICS = ("reward_accuracy", "win_rate")  # figures the judging reward model scored
+
+
 def attach_evals(stages: dict[str, Stage], evals: list, root: Path) -> None:
     """Attach each eval result to the stage it evaluated; a checkpoint outside the root gets its own row."""
     resolve = Resolver(stages, root)
@@ -245,14 +248,16 @@ def attach_evals(stages: dict[str, Stage], evals: list, root: Path) -> None:
         judged_by = inputs.get("reward_model_fingerprint")
         judge_rebuilt = (judge in stages and judge != target and judged_by is not None
                          and judged_by != stages[judge].manifest.get("fingerprint"))
-        if judge_rebuilt:  # the pairwise accuracy measured another build of the judge
-            stages[judge].stale_evals.append((path, judged_by))
+        if judge_rebuilt:  # pairwise accuracy and win rate were scored by another build of the judge
+            stages[judge].stale_evals.append((path, judged_by, "judged with"))
+            result = {**result, "metrics": {group: values for group, values in (result.get("metrics") or {}).items()
+                                            if group not in JUDGED_METRICS}}
+        elif judge in stages and judge != target and _dig(result, "metrics", "reward_accuracy"):
+            stages[judge].judged.append((path, result["metrics"]["reward_accuracy"]))  # the judge's, whatever it judged
         evaluated = inputs.get("model_fingerprint")
         if target in stages and evaluated and evaluated != stages[target].manifest.get("fingerprint"):
-            stages[target].stale_evals.append((path, evaluated))  # rebuilt since: its figures describe another model
+            stages[target].stale_evals.append((path, evaluated, "evaluated"))  # its figures describe another model
             continue
-        if judge in stages and judge != target and not judge_rebuilt and _dig(result, "metrics", "reward_accuracy"):
-            stages[judge].judged.append((path, result["metrics"]["reward_accuracy"]))
         if target is None:
             target = str(result["checkpoint"])
             if target not in stages:
@@ -674,8 +679,8 @@ def _stage_blocks(stage: Stage, stages: dict[str, Stage], figures: list, report_
             extra.append("wall time: " + ", ".join(f"{k} {v:.1f} s" for k, v in wall.items() if _number(v)))
         blocks += [("p", f"Eval results from `{_shown(path)}`:"), ("ul", data + extra),
                    ("table", ["metric", "value"], [[k, v] for k, v in flatten(result.get("metrics") or {}).items()])]
-    for path, evaluated in stage.stale_evals:
-        blocks.append(("p", f"Left out: `{_shown(path)}` evaluated fingerprint `{evaluated}`, an earlier build of "
+    for path, evaluated, how in stage.stale_evals:
+        blocks.append(("p", f"Left out: `{_shown(path)}` {how} fingerprint `{evaluated}`, an earlier build of "
                             f"`{stage.name}` (now `{stage.manifest.get('fingerprint')}`); rerun the eval for figures "
                             "of this one."))
     for path, accuracy in stage.judged:

@@ -94,7 +94,8 @@ def main(script_args, training_args, model_args, peft_args, callbacks=None) -> d
     train_prompts, truncated = truncate_prompts(train_prompts, tokenizer, script_args.max_prompt_tokens)
     value_path = script_args.value_model_path or script_args.reward_model_path
     value_model, value_tokenizer, _ = load_pretrained(value_path, AutoModelForSequenceClassification,
-                                                      trust_remote_code=trust, num_labels=1, **load_kwargs)
+                                                      trust_remote_code=trust, for_training=True, num_labels=1,
+                                                      **load_kwargs)
     _require_policy_tokenizer("value_model_path" if script_args.value_model_path else "reward_model_path (the critic's "
                               "default start)", value_path, value_tokenizer, policy_path, tokenizer)
     peft_config = build_peft_config(model_args, peft_args, policy)
