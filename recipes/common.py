@@ -432,7 +432,9 @@ def load_pretrained(path: str, auto_class, trust_remote_code: bool = False, for_
     except (OSError, SafetensorError) as err:  # missing files, or a truncated or corrupt weights file
         raise UserError(f"{path}: {str(err).splitlines()[0]}") from None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        # the model's revision for its tokenizer too: a pinned model with the tokenizer of another commit
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code,
+                                                  **({"revision": kwargs["revision"]} if kwargs.get("revision") else {}))
     except (OSError, ValueError) as err:  # no tokenizer files: transformers asks for sentencepiece or tiktoken
         raise UserError(f"{path}: no usable tokenizer ({str(err).splitlines()[0]})") from None
     model.weights_missing_at_load = sorted(loading["missing_keys"])  # initialised fresh: refuse_untrained_score_head

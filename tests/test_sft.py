@@ -441,3 +441,21 @@ def test_an_adapter_output_starts_a_run_merged_into_its_base(tiny_pretrained, tm
     with pytest.raises(UserError, match=f"^{tmp_path / 'bottleneck'}: a BOTTLENECK adapter cannot be merged into its "
                                         "base to start a training run; start from its base model"):
         load_pretrained(str(tmp_path / "bottleneck"), AutoModelForCausalLM, for_training=True)
+
+
+def test_the_model_revision_reaches_the_tokenizer_too(tiny_pretrained, monkeypatch):
+    """A pinned `model_revision` loaded the weights of that commit and the tokenizer of the default branch."""
+    import transformers
+
+    from recipes.common import load_pretrained
+
+    seen = {}
+    load_tokenizer = transformers.AutoTokenizer.from_pretrained
+
+    def recording(path, **kwargs):
+        seen.update(kwargs)
+        return load_tokenizer(path, **{k: v for k, v in kwargs.items() if k != "revision"})
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", recording)
+    load_pretrained(str(tiny_pretrained), AutoModelForCausalLM, revision="0123abc")
+    assert seen["revision"] == "0123abc"
