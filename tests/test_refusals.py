@@ -78,6 +78,16 @@ def test_training_numbers_no_run_can_use_stop_while_parsing(recipe, flags, messa
      "muon_momentum must be < 1, got 1.5"),
     (pretrain, "recipes/pretrain/tiny.yaml", ("--muon_learning_rate", "0.5"),  # AdamW would train without it
      "muon_learning_rate is only read with muon: true, but muon is false"),
+    # NaN or inf passed the per-function finite check, then turned every score NaN: a NaN policy published
+    (ppo, "recipes/rl/ppo_tiny.yaml", ("--reward_weights", "nan"), "reward_weights must be finite, got [nan]"),
+    (ppo, "recipes/rl/ppo_tiny.yaml", ("--missing_eos_penalty", "inf"), "missing_eos_penalty must be finite, got inf"),
+    # checked after the policy, critic and reward model had loaded
+    (ppo, "recipes/rl/ppo_tiny.yaml", ("--reward_weights", "1.0", "0.5", "2.0"),
+     "reward_weights has 3 value(s) for 2 reward function(s) (reward model, correctness_reward)"),
+    (ppo, "recipes/rl/ppo_tiny.yaml", ("--reward_model_path", "", "--correctness_reward", "false"),
+     "no reward: set reward_model_path and/or correctness_reward: true"),
+    (grpo, "recipes/rl/grpo_tiny.yaml", ("--reward_weights", "1.0", "0.5", "2.0"),
+     "reward_weights has 3 value(s) for 2 reward function(s) (reward model, correctness_reward)"),
     # GRPO/RLOO sampling: top_p 0 samples greedily (a group of equal replies, every advantage 0), top_p 1.5 is
     # ignored, a negative top_k or repetition_penalty 0 fails at the first rollout
     *[(module, f"recipes/rl/{name}_tiny.yaml", flags, message) for name, module in (("grpo", grpo), ("rloo", rloo))
@@ -452,6 +462,33 @@ def test_rl_prompt_splits_and_rows_that_cannot_work_are_one_line(tiny_chat_data)
     for messages in ("hello", ["hi", "there"]):  # an AttributeError traceback
         with pytest.raises(UserError, match="^prompts: row 0: field 'messages' must be a list of messages"):
             to_prompt_dataset(Dataset.from_list([{"messages": messages}]), "prompts")
+
+
+def test_ppo_replies_longer_than_the_policys_context_are_one_line(tiny_sft, tiny_reward, tiny_chat_data, tmp_path):
+    positions = json.loads((tiny_sft / "config.json").read_text())["max_position_embeddings"]
+    with pytest.raises(UserError) as err:
+        ppo.main(*ppo.parse_args(["--config", str(REPO_ROOT / "recipes/rl/ppo_tiny.yaml"), "--model_name_or_path",
+                                  str(tiny_sft), "--reward_model_path", str(tiny_reward), "--dataset_path",
+                                  str(tiny_chat_data["sft"]), "--response_length", str(positions),
+                                  "--output_dir", str(tmp_path / "ppo")]))
+    assert str(err.value) == (f"response_length {positions} and a prompt do not fit max_position_embeddings "
+                              f"{positions} of {tiny_sft}")
+    assert not (tmp_path / "ppo").exists()
+
+
+def test_generation_stops_at_eos_where_it_is_also_the_unknown_token():
+    """GPT-2's <|endoftext|> is eos, bos and unk at once: filtering unk dropped the only stop id, so replies ran
+    to max_new_tokens and PPO penalised every one as unfinished."""
+    from types import SimpleNamespace
+
+    from recipes.eval.generation import stop_token_ids
+
+    gpt2_like = SimpleNamespace(eos_token_id=50256, unk_token_id=50256, name_or_path="gpt2",
+                                convert_tokens_to_ids=lambda token: 50256)  # unknown markers come back as unk
+    assert stop_token_ids(gpt2_like) == [50256]
+    no_stop = SimpleNamespace(eos_token_id=None, unk_token_id=0, name_or_path="bare", convert_tokens_to_ids=lambda t: 0)
+    with pytest.raises(UserError, match="^bare: the tokenizer has no eos token and no <|end|> marker to stop at$"):
+        stop_token_ids(no_stop)
 
 
 def test_ppo_from_a_model_without_a_chat_template_is_one_line(tiny_sft, tiny_reward, tiny_chat_data, tmp_path):

@@ -10,6 +10,8 @@ import contextlib
 import math
 from collections import defaultdict
 
+from data_prep.artifacts import UserError
+
 
 @contextlib.contextmanager
 def scoring(model, tokenizer, padding_side: str):
@@ -29,9 +31,12 @@ def scoring(model, tokenizer, padding_side: str):
 
 def stop_token_ids(tokenizer) -> list[int]:
     """End-of-turn and end-of-text ids: chat replies end at `<|end|>`; a base model may emit eos."""
-    ids = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|end|>"),
-           tokenizer.convert_tokens_to_ids("<|end_of_text|>")]
-    return sorted({i for i in ids if i is not None and i != tokenizer.unk_token_id})
+    markers = [tokenizer.convert_tokens_to_ids(token) for token in ("<|end|>", "<|end_of_text|>")]
+    # a marker the vocabulary lacks comes back as the unknown id; eos itself stays even where it is also unk (GPT-2)
+    ids = {i for i in markers if i is not None and i != tokenizer.unk_token_id} | {tokenizer.eos_token_id} - {None}
+    if not ids:  # generation would never stop before max_new_tokens, and PPO would penalise every reply
+        raise UserError(f"{tokenizer.name_or_path}: the tokenizer has no eos token and no <|end|> marker to stop at")
+    return sorted(ids)
 
 
 def generate_replies(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 32,

@@ -33,6 +33,7 @@ from recipes.common import (claim_run_dir, fused_head_on_labelled_positions_only
 from recipes.peft_methods import PeftMethodArguments, build_peft_config, check_peft_settings, trainable_parameters
 from recipes.rl.common import (OnlineRLChecks, PromptArguments, evaluate_saved_policy, finish_run, load_policy,
                               load_reference_curves, require_conversational, summary_line)
+from recipes.rl.rewards import check_reward_settings
 
 
 @dataclass
@@ -143,6 +144,7 @@ def _log(trainer, method: str, message: str) -> None:
 def parse_args(argv: list[str] | None = None):
     parsed = parse_config([PromptArguments, GRPOConfig, ModelConfig, PeftMethodArguments], with_cpu_process_group(argv))
     check_peft_settings("grpo", parsed[2], parsed[3], parsed[1])
+    check_reward_settings(parsed[0].reward_model_path, parsed[0].correctness_reward, parsed[1].reward_weights)
     return parsed
 
 

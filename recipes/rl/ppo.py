@@ -36,6 +36,7 @@ from recipes.peft_methods import PeftMethodArguments, build_peft_config, check_p
 from recipes.rl.common import (ReferenceCurveArguments, RLShapingArguments, check_settings, finish_run,
                               load_reference_curves, model_load_kwargs, require_conversational, summary_line)
 from recipes.rl.ppo_trainer import PPO_STATE_NAME, PPOConfig
+from recipes.rl.rewards import check_reward_settings
 
 
 @dataclass
@@ -91,6 +92,12 @@ def main(script_args, training_args, model_args, peft_args, callbacks=None) -> d
                                                 for_training=True, **load_kwargs)
     if not tokenizer.chat_template:  # the rollouts render every prompt with it, after all four models load
         raise UserError(f"{policy_path}: the tokenizer has no chat template (RL starts from a chat model)")
+    positions = getattr(policy.config, "max_position_embeddings", None)
+    room = training_args.response_length + (script_args.max_prompt_tokens or 1)
+    if positions is not None and room > positions:  # replies past the context the policy was trained on
+        raise UserError(f"response_length {training_args.response_length}"
+                        + (f" plus max_prompt_tokens {script_args.max_prompt_tokens}" if script_args.max_prompt_tokens
+                           else " and a prompt") + f" do not fit max_position_embeddings {positions} of {policy_path}")
     train_prompts, truncated = truncate_prompts(train_prompts, tokenizer, script_args.max_prompt_tokens)
     value_path = script_args.value_model_path or script_args.reward_model_path
     value_model, value_tokenizer, _ = load_pretrained(value_path, AutoModelForSequenceClassification,
@@ -212,6 +219,7 @@ def _log(trainer, message: str) -> None:
 def parse_args(argv: list[str] | None = None):
     parsed = parse_config([ScriptArguments, PPOConfig, ModelConfig, PeftMethodArguments], with_cpu_process_group(argv))
     check_peft_settings("ppo", parsed[2], parsed[3], parsed[1])
+    check_reward_settings(parsed[0].reward_model_path, parsed[0].correctness_reward, parsed[1].reward_weights)
     return parsed
 
 

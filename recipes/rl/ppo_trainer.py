@@ -92,6 +92,10 @@ class PPOConfig(TrainingArguments):
                        non_negative=("kl_coef", "cliprange", "cliprange_value", "vf_coef", "gamma", "lam",
                                      "critic_warmup_updates", "critic_learning_rate"),
                        at_most_1=("top_p", "gamma", "lam"))
+        weights = {"reward_weights": self.reward_weights or [], "missing_eos_penalty": [self.missing_eos_penalty]}
+        for key, values in weights.items():  # NaN or inf passes the per-function finite check, then poisons the score
+            if any(value is not None and not math.isfinite(value) for value in values):
+                raise UserError(f"{key} must be finite, got {getattr(self, key)}")
         eval_strategy = getattr(self.eval_strategy, "value", self.eval_strategy)
         if eval_strategy != "no":  # the PPO loop has no periodic evaluation; never ignore the setting silently
             raise UserError(f"eval_strategy: PPO evaluates the held-out prompts before and after training only; "

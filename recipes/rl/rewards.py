@@ -131,6 +131,18 @@ def correctness_reward(prompts, completions, task=None, answer=None, **kwargs) -
     return rewards
 
 
+def check_reward_settings(reward_model_path: str | None, use_correctness: bool, reward_weights) -> None:
+    """What `build_reward_funcs` checks that the settings alone decide, refused while parsing: the weights
+    were checked only after the policy, critic and reward model had loaded."""
+    count = bool(reward_model_path) + bool(use_correctness)
+    if count == 0:
+        raise UserError("no reward: set reward_model_path and/or correctness_reward: true")
+    if reward_weights is not None and len(reward_weights) != count:
+        names = ", ".join(name for name, on in (("reward model", reward_model_path), ("correctness_reward",
+                                                                                    use_correctness)) if on)
+        raise UserError(f"reward_weights has {len(reward_weights)} value(s) for {count} reward function(s) ({names})")
+
+
 def build_reward_funcs(reward_model_path: str, use_correctness: bool, reward_weights, columns: list[str],
                        trust_remote_code: bool = False, reward_model_clip: float | None = None) -> list:
     """The reward functions a recipe asks for, checked against the weights and the dataset's columns."""

@@ -26,6 +26,7 @@ from recipes.common import with_cpu_process_group
 from recipes.peft_methods import PeftMethodArguments, check_peft_settings
 from recipes.rl import grpo
 from recipes.rl.common import OnlineRLChecks, PromptArguments
+from recipes.rl.rewards import check_reward_settings
 
 
 @dataclass
@@ -40,6 +41,7 @@ def main(script_args, training_args, model_args, peft_args, callbacks=None) -> d
 def parse_args(argv: list[str] | None = None):
     parsed = parse_config([PromptArguments, RLOOConfig, ModelConfig, PeftMethodArguments], with_cpu_process_group(argv))
     check_peft_settings("rloo", parsed[2], parsed[3], parsed[1])
+    check_reward_settings(parsed[0].reward_model_path, parsed[0].correctness_reward, parsed[1].reward_weights)
     return parsed
 
 
