@@ -146,6 +146,7 @@ def check_reward_settings(reward_model_path: str | None, use_correctness: bool, 
 def build_reward_funcs(reward_model_path: str, use_correctness: bool, reward_weights, columns: list[str],
                        trust_remote_code: bool = False, reward_model_clip: float | None = None) -> list:
     """The reward functions a recipe asks for, checked against the weights and the dataset's columns."""
+    check_reward_settings(reward_model_path, use_correctness, reward_weights)
     if reward_model_clip is not None and not reward_model_path:
         raise UserError("reward_model_clip is set but there is no reward model to clip (reward_model_path is empty)")
     funcs: list = ([RewardModelScorer(reward_model_path, trust_remote_code=trust_remote_code, clip=reward_model_clip)]
@@ -156,9 +157,4 @@ def build_reward_funcs(reward_model_path: str, use_correctness: bool, reward_wei
             raise UserError(f"correctness_reward needs the prompt columns task and answer; the prompts lack "
                             f"{', '.join(missing)}")
         funcs.append(correctness_reward)
-    if not funcs:
-        raise UserError("no reward: set reward_model_path and/or correctness_reward: true")
-    if reward_weights is not None and len(reward_weights) != len(funcs):
-        names = ", ".join(getattr(f, "__name__", "?") for f in funcs)
-        raise UserError(f"reward_weights has {len(reward_weights)} value(s) for {len(funcs)} reward function(s) ({names})")
     return funcs
