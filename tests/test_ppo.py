@@ -320,7 +320,7 @@ def test_value_head_init_keeps_the_reward_models_backbone_and_zero_starts_every_
     from recipes.rl.rewards import correctness_reward
 
     argv = ppo_argv(tiny_sft, tiny_reward, tiny_chat_data, tmp_path / head, "--value_head_init", head,
-                    "--reward_weights", "1.0")
+                    "--reward_weights", "1.0", "--correctness_reward", "false")  # one weight, one reward function
     args = ppo.parse_args(argv)[1]
     reward_model = AutoModelForSequenceClassification.from_pretrained(tiny_reward)
     critic = AutoModelForSequenceClassification.from_pretrained(tiny_reward)
@@ -352,7 +352,8 @@ def test_critic_learning_rate_trains_the_critic_alone_when_the_policy_rate_is_0(
     from recipes.rl.rewards import correctness_reward
 
     argv = ppo_argv(tiny_sft, tiny_reward, tiny_chat_data, tmp_path / "critic_lr", "--learning_rate", "0",
-                    "--critic_learning_rate", "1e-2", "--reward_weights", "1.0", "--total_episodes", "8")
+                    "--critic_learning_rate", "1e-2", "--reward_weights", "1.0", "--total_episodes", "8",
+                    "--correctness_reward", "false")  # one weight for the one reward function below
     args = ppo.parse_args(argv)[1]
     prompts = Dataset.from_list([{"prompt": [{"role": "user", "content": f"What is {a} + 1?"}], "task": "arithmetic",
                                   "answer": str(a + 1)} for a in range(8)])

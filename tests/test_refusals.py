@@ -83,11 +83,11 @@ def test_training_numbers_no_run_can_use_stop_while_parsing(recipe, flags, messa
     (ppo, "recipes/rl/ppo_tiny.yaml", ("--missing_eos_penalty", "inf"), "missing_eos_penalty must be finite, got inf"),
     # checked after the policy, critic and reward model had loaded
     (ppo, "recipes/rl/ppo_tiny.yaml", ("--reward_weights", "1.0", "0.5", "2.0"),
-     "reward_weights has 3 value(s) for 2 reward function(s) (reward model, correctness_reward)"),
+     "reward_weights has 3 value(s) for 2 reward function(s) (reward_model, correctness_reward)"),
     (ppo, "recipes/rl/ppo_tiny.yaml", ("--reward_model_path", "", "--correctness_reward", "false"),
      "no reward: set reward_model_path and/or correctness_reward: true"),
     (grpo, "recipes/rl/grpo_tiny.yaml", ("--reward_weights", "1.0", "0.5", "2.0"),
-     "reward_weights has 3 value(s) for 2 reward function(s) (reward model, correctness_reward)"),
+     "reward_weights has 3 value(s) for 2 reward function(s) (reward_model, correctness_reward)"),
     # GRPO/RLOO sampling: top_p 0 samples greedily (a group of equal replies, every advantage 0), top_p 1.5 is
     # ignored, a negative top_k or repetition_penalty 0 fails at the first rollout
     *[(module, f"recipes/rl/{name}_tiny.yaml", flags, message) for name, module in (("grpo", grpo), ("rloo", rloo))

@@ -138,7 +138,7 @@ def check_reward_settings(reward_model_path: str | None, use_correctness: bool, 
     if count == 0:
         raise UserError("no reward: set reward_model_path and/or correctness_reward: true")
     if reward_weights is not None and len(reward_weights) != count:
-        names = ", ".join(name for name, on in (("reward model", reward_model_path), ("correctness_reward",
+        names = ", ".join(name for name, on in (("reward_model", reward_model_path), ("correctness_reward",
                                                                                     use_correctness)) if on)
         raise UserError(f"reward_weights has {len(reward_weights)} value(s) for {count} reward function(s) ({names})")
 
