@@ -4,13 +4,13 @@
         --output_dir outputs/packed --block_size 256 --num_proc 2
 
 Each document becomes `<bos> text <eos>`, where text that spells a special token (`<|end_of_text|>` in
-a document about tokenizers) is encoded as ordinary text, not as that token; documents are concatenated and cut into blocks of
-`block_size` tokens. Packing happens per batch of `pack_batch_size` documents inside
-`Dataset.map(num_proc=...)`; the last, shorter block of each batch is right-padded with the pad
-token and masked (`attention_mask` 0), so no token is lost or repeated. With the default batch
-of 2,000 documents this wastes well under 1% of positions. Sizes: the embedded default packs to
-5.0M train tokens (19,640 blocks of 256, vocab 512) in about 10 seconds on 2 cores; FineWeb-Edu sample-10BT is ~10B tokens and wants
-all cores for about an hour.
+a document about tokenizers) is encoded as ordinary text, not as that token; documents are
+concatenated and cut into blocks of `block_size` tokens. Packing happens per batch of
+`pack_batch_size` documents inside `Dataset.map(num_proc=...)`; the last, shorter block of each
+batch is right-padded with the pad token and masked (`attention_mask` 0), so no token is lost or
+repeated. With the default batch of 2,000 documents this wastes well under 1% of positions. Sizes:
+the embedded default packs to 5.0M train tokens (19,640 blocks of 256, vocab 512) in about 10
+seconds on 2 cores; FineWeb-Edu sample-10BT is ~10B tokens and wants all cores for about an hour.
 """
 
 from __future__ import annotations

@@ -214,11 +214,16 @@ def json_records(path: Path, text: str):
         raise UserError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
     if not isinstance(rows, list):
         raise UserError(f"{path}: a .json input must hold a list of objects")
-    escaped = "\\u" in text  # only an escape can spell a lone surrogate
+    escaped = SURROGATE_ESCAPE.search(text) is not None
     for index, row in enumerate(rows):
         if escaped:
             _refuse_lone_surrogates(row, f"{path}: item {index}")
         yield index, row, "item"
+
+
+# only an escape in the D800-DFFF range can spell a surrogate: JSON written with ensure_ascii escapes every
+# other non-ASCII character too, and those rows need no second pass
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 def _refuse_lone_surrogates(value, where: str) -> None:
@@ -236,7 +241,7 @@ def json_line(path: Path, lineno: int, line: str):
         row = json.loads(line)
     except json.JSONDecodeError as err:
         raise UserError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
-    if "\\u" in line:  # only an escape can spell a lone surrogate
+    if SURROGATE_ESCAPE.search(line):
         _refuse_lone_surrogates(row, f"{path}:{lineno}")
     return row
 

@@ -74,7 +74,7 @@ class Stage:
     state_source: Path | None = None
     evals: list = field(default_factory=list)  # (eval_results.json, its content, the reward model that judged)
     judged: list = field(default_factory=list)  # (eval_results.json, reward_accuracy) where this was the judge
-    stale_evals: list = field(default_factory=list)  # (eval_results.json, fingerprint, "evaluated"/"was judged by")
+    stale_evals: list = field(default_factory=list)  # (eval_results.json, fingerprint, "evaluated"/"judged with")
     parent: str | None = None  # a stage name or, for an input outside the root (a Hub model), its id
     links: list = field(default_factory=list)  # (input key, stage name, freshness note, recorded value)
     is_model: bool = False
